@@ -1,0 +1,350 @@
+r"""The flow matching density estimator, as sbi's trainers and posteriors use it.
+
+The estimator works on z-scored parameters :math:`z = (\theta - \mu) / \sigma`, with
+the density :math:`\log p(\theta | x) = \log p(z | x) - \sum \log \sigma`. The
+condition is z-scored and embedded once per call; the velocity network then sees
+:math:`(z_t, e(x), t)` at every ODE step. Time runs from data (:math:`t = 0`) to
+noise (:math:`t = 1`); see :mod:`sbi_fm_plugin.path` and :mod:`sbi_fm_plugin.ode`.
+"""
+
+__all__ = ["FlowMatchingEstimator"]
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import ode
+from ._sbi import ConditionalDensityEstimator
+from .ode import SolverOptions
+from .path import flow_matching_loss
+
+DIVERGENCES = ("auto",) + ode.DIVERGENCES
+
+
+class FlowMatchingEstimator(ConditionalDensityEstimator):
+    r"""A conditional density estimator :math:`p(\theta | x)` trained by flow matching.
+
+    Args:
+        net: The velocity network. Networks with a true `broadcasts_inputs`
+            attribute (such as :class:`VelocityMLP`) are called with inputs whose
+            leading dimensions broadcast; any other module is called as
+            `net(theta_t, x, t)` with shapes :math:`(N, D)`, :math:`(N, E)` and
+            :math:`(N,)` and must return :math:`(N, D)`.
+        input_shape: Event shape of :math:`\theta`.
+        condition_shape: Event shape of :math:`x`.
+        embedding_net: Maps conditions to embeddings of :math:`E` features; include
+            the z-scoring of :math:`x` in it. Defaults to the identity.
+        theta_mean: Mean :math:`\mu` used to z-score :math:`\theta`.
+        theta_std: Standard deviation :math:`\sigma` used to z-score :math:`\theta`.
+        time_power_law_alpha: Exponent of the training time schedule, with the
+            meaning of BayesFlow's option of the same name
+            (see :func:`sbi_fm_plugin.path.sample_times`).
+        sigma_min: Standard deviation of the probability path at the data.
+        solver: Default solver options, overridable in each call.
+        divergence: `exact`, `hutchinson`, or `auto` for exact up to
+            `exact_divergence_max_dim` parameters and Hutchinson above.
+        exact_divergence_max_dim: The largest dimension with exact divergence under
+            `auto`.
+        eval_seed: Seed of the times and noise of the loss in `eval()` mode, which
+            makes validation losses comparable from epoch to epoch.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        input_shape: Sequence[int],
+        condition_shape: Sequence[int],
+        embedding_net: nn.Module | None = None,
+        theta_mean: Tensor | float = 0.0,
+        theta_std: Tensor | float = 1.0,
+        time_power_law_alpha: float = 0.0,
+        sigma_min: float = 0.0,
+        solver: SolverOptions | None = None,
+        divergence: str = "auto",
+        exact_divergence_max_dim: int = 16,
+        eval_seed: int = 0,
+    ) -> None:
+        super().__init__(net, torch.Size(input_shape), torch.Size(condition_shape))
+
+        if not time_power_law_alpha > -1:
+            raise ValueError(
+                f"Expected `time_power_law_alpha` > -1, got {time_power_law_alpha!r}."
+            )
+        if not 0 <= sigma_min < 1:
+            raise ValueError(f"Expected 0 <= `sigma_min` < 1, got {sigma_min!r}.")
+        _check_divergence(divergence)
+
+        self._embedding_net = nn.Identity() if embedding_net is None else embedding_net
+        theta_mean = torch.as_tensor(theta_mean, dtype=torch.get_default_dtype())
+        theta_std = torch.as_tensor(theta_std, dtype=torch.get_default_dtype())
+        self.register_buffer("theta_mean", theta_mean.expand(self.input_shape).clone())
+        self.register_buffer("theta_std", theta_std.expand(self.input_shape).clone())
+
+        self.time_power_law_alpha = float(time_power_law_alpha)
+        self.sigma_min = float(sigma_min)
+        self.solver = SolverOptions() if solver is None else solver
+        self.divergence = divergence
+        self.exact_divergence_max_dim = exact_divergence_max_dim
+        self.eval_seed = eval_seed
+
+    @property
+    def embedding_net(self) -> nn.Module:
+        r"""The condition embedding network, z-scoring included."""
+        return self._embedding_net
+
+    @property
+    def input_features(self) -> int:
+        return self.input_shape.numel()
+
+    def loss(self, input: Tensor, condition: Tensor) -> Tensor:
+        r"""Returns the conditional flow matching loss of each pair.
+
+        In `eval()` mode, times and noise come from a generator seeded with
+        `eval_seed`, so the loss is a deterministic function of its inputs.
+
+        Args:
+            input: Parameters, with shape :math:`(B, *input\_shape)`.
+            condition: Conditions, with shape :math:`(B, *condition\_shape)`.
+
+        Returns:
+            The losses, with shape :math:`(B,)`.
+        """
+        input = self._check(input, "input", self.input_shape, batch_dims=(1,))
+        condition = self._check(
+            condition, "condition", self.condition_shape, batch_dims=(1,)
+        )
+        if input.shape[0] != condition.shape[0]:
+            raise ValueError(
+                "Expected `input` and `condition` to have the same batch size, got "
+                f"{input.shape[0]} and {condition.shape[0]}."
+            )
+
+        generator = None
+        if not self.training:
+            generator = torch.Generator(device=input.device).manual_seed(self.eval_seed)
+
+        z = self._standardize(input)
+        x = self._embed(condition)
+
+        return flow_matching_loss(
+            self._call_net, z, x, self.time_power_law_alpha, self.sigma_min, generator
+        )
+
+    def log_prob(self, input: Tensor, condition: Tensor, **options: object) -> Tensor:
+        r"""Returns the log-density of the inputs given the conditions.
+
+        Gradients flow to the inputs and the parameters.
+
+        Args:
+            input: Parameters, with shape :math:`(S, B, *input\_shape)`,
+                :math:`(B, *input\_shape)` or :math:`(*input\_shape)`.
+            condition: Conditions, with shape :math:`(S, B, *condition\_shape)`,
+                :math:`(B, *condition\_shape)` or :math:`(*condition\_shape)`.
+                Batch sizes broadcast as in sbi.
+            options: Overrides of the solver options (`method`, `rtol`, `atol`,
+                `num_steps`, `max_nfe`) and of `divergence`.
+
+        Returns:
+            The log-densities, with shape :math:`(S, B)`.
+        """
+        solver, divergence = self._options(options)
+        input = self._check(input, "input", self.input_shape, batch_dims=(0, 1, 2))
+        condition = self._check(
+            condition, "condition", self.condition_shape, batch_dims=(0, 1, 2)
+        )
+        if input.dim() == len(self.input_shape):
+            input = input.unsqueeze(0)
+        if condition.dim() == len(self.condition_shape):
+            condition = condition.unsqueeze(0)
+
+        try:
+            input, condition, _ = self._broadcast_and_align(input, condition)
+        except RuntimeError as err:
+            raise ValueError(str(err)) from err
+
+        with self._deterministic():
+            # A condition without sample dimension comes back expanded: embed it once.
+            x = self._embed(condition[0] if condition.stride(0) == 0 else condition)
+            log_p = ode.log_prob(
+                self._velocity(x), self._standardize(input), solver, divergence
+            )
+
+        return log_p - self.theta_std.log().sum()
+
+    def sample(
+        self, sample_shape: torch.Size, condition: Tensor, **options: object
+    ) -> Tensor:
+        r"""Draws parameters given the conditions.
+
+        Note:
+            Samples are drawn without gradient tracking.
+
+        Args:
+            sample_shape: Shape of the draws per condition.
+            condition: Conditions, with shape :math:`(B, *condition\_shape)` or
+                :math:`(*condition\_shape)` for one condition.
+            options: Overrides of the solver options.
+
+        Returns:
+            The samples, with shape :math:`(*sample\_shape, B, *input\_shape)`.
+        """
+        solver, _ = self._options(options)
+        with torch.no_grad(), self._deterministic():
+            sample_shape, x, noise = self._prepare_sampling(sample_shape, condition)
+            z = ode.sample(self._velocity(x), noise, solver)
+
+        return self._unstandardize(z).reshape(
+            sample_shape + z.shape[1:2] + self.input_shape
+        )
+
+    def sample_and_log_prob(
+        self, sample_shape: torch.Size, condition: Tensor, **options: object
+    ) -> tuple[Tensor, Tensor]:
+        r"""Draws parameters and their log-densities in one ODE solve.
+
+        Note:
+            Samples and log-densities are computed without gradient tracking.
+
+        Args:
+            sample_shape: Shape of the draws per condition.
+            condition: Conditions, with shape :math:`(B, *condition\_shape)` or
+                :math:`(*condition\_shape)` for one condition.
+            options: Overrides of the solver options and of `divergence`.
+
+        Returns:
+            The samples, with shape :math:`(*sample\_shape, B, *input\_shape)`, and
+            their log-densities, with shape :math:`(*sample\_shape, B)`.
+        """
+        solver, divergence = self._options(options)
+        with torch.no_grad(), self._deterministic():
+            sample_shape, x, noise = self._prepare_sampling(sample_shape, condition)
+            z, log_p = ode.sample_and_log_prob(
+                self._velocity(x), noise, solver, divergence
+            )
+
+        theta = self._unstandardize(z).reshape(
+            sample_shape + z.shape[1:2] + self.input_shape
+        )
+        log_p = log_p - self.theta_std.log().sum()
+
+        return theta, log_p.reshape(sample_shape + z.shape[1:2])
+
+    def _prepare_sampling(
+        self, sample_shape: torch.Size, condition: Tensor
+    ) -> tuple[torch.Size, Tensor, Tensor]:
+        try:
+            sample_shape = torch.Size(sample_shape)
+        except TypeError as err:
+            raise TypeError(
+                "Expected `sample_shape` to be a sequence of ints, got "
+                f"{sample_shape!r}."
+            ) from err
+        condition = self._check(
+            condition, "condition", self.condition_shape, batch_dims=(0, 1)
+        )
+        if condition.dim() == len(self.condition_shape):
+            condition = condition.unsqueeze(0)
+
+        x = self._embed(condition)
+        noise = torch.randn(
+            (sample_shape.numel(), condition.shape[0], self.input_features),
+            dtype=x.dtype,
+            device=x.device,
+        )
+
+        return sample_shape, x, noise
+
+    def _options(self, options: dict[str, object]) -> tuple[SolverOptions, str]:
+        options = dict(options)
+        divergence = options.pop("divergence", self.divergence)
+        _check_divergence(divergence)
+        if divergence == "auto":
+            small = self.input_features <= self.exact_divergence_max_dim
+            divergence = "exact" if small else "hutchinson"
+
+        return self.solver.replace(**options), divergence
+
+    def _check(
+        self, tensor: Tensor, name: str, event_shape: torch.Size, batch_dims: tuple
+    ) -> Tensor:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"Expected `{name}` to be a Tensor, got {type(tensor)}.")
+        if not tensor.is_floating_point():
+            raise TypeError(
+                f"Expected `{name}` to be a floating point tensor, got {tensor.dtype}. "
+                f"Convert it with `{name}.float()`."
+            )
+        if tensor.device != self.theta_mean.device:
+            raise ValueError(
+                f"Expected `{name}` on {self.theta_mean.device}, where the estimator "
+                f"is, got {tensor.device}."
+            )
+
+        event_dims = len(event_shape)
+        trailing = tuple(tensor.shape[tensor.dim() - event_dims :])
+        if tensor.dim() - event_dims not in batch_dims or trailing != event_shape:
+            leading = " or ".join(
+                str(("*",) * n + tuple(event_shape)) for n in batch_dims
+            )
+            raise ValueError(
+                f"Expected `{name}` with shape {leading}, where * are batch "
+                f"dimensions, got {tuple(tensor.shape)}."
+            )
+        if tensor.numel() == 0:
+            raise ValueError(
+                f"Expected `{name}` to be non-empty, got shape {tuple(tensor.shape)}."
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"Expected `{name}` to be finite, got NaN or inf values.")
+
+        # Floating point inputs of another precision follow the estimator's.
+        return tensor.to(self.theta_mean.dtype)
+
+    def _standardize(self, theta: Tensor) -> Tensor:
+        z = (theta - self.theta_mean) / self.theta_std
+        return z.flatten(start_dim=z.dim() - len(self.input_shape))
+
+    def _unstandardize(self, z: Tensor) -> Tensor:
+        theta = z.unflatten(-1, self.input_shape)
+        return theta * self.theta_std + self.theta_mean
+
+    def _embed(self, condition: Tensor) -> Tensor:
+        batch_shape = condition.shape[: condition.dim() - len(self.condition_shape)]
+        condition = condition.reshape(-1, *self.condition_shape)
+        return self._embedding_net(condition).reshape(*batch_shape, -1)
+
+    def _call_net(self, theta_t: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        if getattr(self.net, "broadcasts_inputs", False):
+            return self.net(theta_t, x, t)
+
+        batch_shape = theta_t.shape[:-1]
+        v = self.net(
+            theta_t.reshape(-1, theta_t.shape[-1]),
+            x.expand(*batch_shape, x.shape[-1]).reshape(-1, x.shape[-1]),
+            t.expand(batch_shape).reshape(-1),
+        )
+        return v.reshape(theta_t.shape)
+
+    def _velocity(self, x: Tensor) -> ode.Field:
+        return lambda theta_t, t: self._call_net(theta_t, x, t)
+
+    @contextlib.contextmanager
+    def _deterministic(self) -> Iterator[None]:
+        # Dropout would make the ODE right-hand side random and the solver useless,
+        # whatever mode the caller left the estimator in.
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()
+        try:
+            yield
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
+
+def _check_divergence(divergence: str) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(
+            f"Expected `divergence` to be one of {DIVERGENCES}, got {divergence!r}."
+        )

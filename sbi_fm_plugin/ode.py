@@ -60,8 +60,8 @@ class SolverOptions:
     """
 
     method: str = "dopri5"
-    rtol: float = 1e-4
-    atol: float = 1e-4
+    rtol: float = 1e-5
+    atol: float = 1e-5
     num_steps: int = 20
     max_nfe: int = 10_000
 

@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+# Small operations run many times slower with two threads on a shared machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_tmp_cwd(tmp_path, monkeypatch):

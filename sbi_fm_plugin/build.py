@@ -29,12 +29,14 @@ NETWORK_DEFAULTS = {
     "layer_norm": True,
     "time_features": 32,
     "time_scale": 1.0,
+    "context_every_block": True,
 }
 
 #: Options of the estimator, with their defaults.
 ESTIMATOR_DEFAULTS = {
     "time_power_law_alpha": 0.0,
     "sigma_min": 0.0,
+    "num_draws": 1,
     "divergence": "auto",
     "exact_divergence_max_dim": 16,
 }

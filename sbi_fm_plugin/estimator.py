@@ -42,6 +42,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             meaning of BayesFlow's option of the same name
             (see :func:`sbi_fm_plugin.path.sample_times`).
         sigma_min: Standard deviation of the probability path at the data.
+        num_draws: Number of (time, noise) draws per pair in the loss.
         solver: Default solver options, overridable in each call.
         divergence: `exact`, `hutchinson`, or `auto` for exact up to
             `exact_divergence_max_dim` parameters and Hutchinson above.
@@ -61,6 +62,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         theta_std: Tensor | float = 1.0,
         time_power_law_alpha: float = 0.0,
         sigma_min: float = 0.0,
+        num_draws: int = 1,
         solver: SolverOptions | None = None,
         divergence: str = "auto",
         exact_divergence_max_dim: int = 16,
@@ -74,6 +76,14 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             )
         if not 0 <= sigma_min < 1:
             raise ValueError(f"Expected 0 <= `sigma_min` < 1, got {sigma_min!r}.")
+        if (
+            isinstance(num_draws, bool)
+            or not isinstance(num_draws, int)
+            or num_draws < 1
+        ):
+            raise ValueError(
+                f"Expected `num_draws` to be an int >= 1, got {num_draws!r}."
+            )
         _check_divergence(divergence)
 
         self._embedding_net = nn.Identity() if embedding_net is None else embedding_net
@@ -84,6 +94,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
 
         self.time_power_law_alpha = float(time_power_law_alpha)
         self.sigma_min = float(sigma_min)
+        self.num_draws = num_draws
         self.solver = SolverOptions() if solver is None else solver
         self.divergence = divergence
         self.exact_divergence_max_dim = exact_divergence_max_dim
@@ -129,7 +140,13 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         x = self._embed(condition)
 
         return flow_matching_loss(
-            self._call_net, z, x, self.time_power_law_alpha, self.sigma_min, generator
+            self._call_net,
+            z,
+            x,
+            self.time_power_law_alpha,
+            self.sigma_min,
+            generator,
+            self.num_draws,
         )
 
     def log_prob(self, input: Tensor, condition: Tensor, **options: object) -> Tensor:

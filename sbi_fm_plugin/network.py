@@ -84,22 +84,21 @@ class FourierTimeEmbedding(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    r"""A residual block :math:`h + \mathrm{drop}(a(W \mathrm{LN}(h)))`."""
+    r"""A residual block :math:`h + \mathrm{drop}(a(W \mathrm{LN}(h) + c))`, where
+    :math:`c` is a projection of the time and condition context, or zero."""
 
     def __init__(
         self, width: int, activation: str, dropout: float, layer_norm: bool
     ) -> None:
         super().__init__()
 
-        self.block = nn.Sequential(
-            nn.LayerNorm(width) if layer_norm else nn.Identity(),
-            nn.Linear(width, width),
-            ACTIVATIONS[activation](),
-            nn.Dropout(dropout),
-        )
+        self.norm = nn.LayerNorm(width) if layer_norm else nn.Identity()
+        self.linear = nn.Linear(width, width)
+        self.activation = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout)
 
-    def forward(self, h: Tensor) -> Tensor:
-        return h + self.block(h)
+    def forward(self, h: Tensor, c: Tensor | float = 0.0) -> Tensor:
+        return h + self.dropout(self.activation(self.linear(self.norm(h)) + c))
 
 
 class VelocityMLP(nn.Module):
@@ -122,6 +121,10 @@ class VelocityMLP(nn.Module):
         layer_norm: Whether the residual blocks normalise their input.
         time_features: Size of the Fourier time embedding.
         time_scale: Standard deviation of the Fourier frequencies.
+        context_every_block: Whether every block also receives a projection of the
+            time and condition (as in FiLM-style conditioning), rather than only the
+            first layer. The context is shared across draws, so it costs little
+            when sampling.
 
     Example:
         >>> net = VelocityMLP(2, 3, width=16, depth=2)
@@ -143,6 +146,7 @@ class VelocityMLP(nn.Module):
         layer_norm: bool = True,
         time_features: int = 32,
         time_scale: float = 1.0,
+        context_every_block: bool = True,
     ) -> None:
         super().__init__()
 
@@ -151,12 +155,12 @@ class VelocityMLP(nn.Module):
         self.condition_layer = nn.Linear(condition_features, width, bias=False)
         self.time_layer = nn.Linear(self.time_embedding.features, width, bias=False)
         self.activation = ACTIVATIONS[activation]()
-        self.blocks = nn.Sequential(
-            *(
-                ResidualBlock(width, activation, dropout, layer_norm)
-                for _ in range(depth)
-            )
+        self.blocks = nn.ModuleList(
+            ResidualBlock(width, activation, dropout, layer_norm) for _ in range(depth)
         )
+        self.context_layer = None
+        if context_every_block:
+            self.context_layer = nn.Linear(width, depth * width, bias=False)
         self.output_layer = nn.Linear(width, input_features)
 
     def forward(self, theta_t: Tensor, x: Tensor, t: Tensor) -> Tensor:
@@ -169,11 +173,16 @@ class VelocityMLP(nn.Module):
         Returns:
             The velocities, with shape :math:`(*, D)`.
         """
-        h = (
-            self.input_layer(theta_t)
-            + self.condition_layer(x)
-            + self.time_layer(self.time_embedding(t))
-        )
-        h = self.blocks(self.activation(h))
+        context = self.condition_layer(x) + self.time_layer(self.time_embedding(t))
+        h = self.activation(self.input_layer(theta_t) + context)
+
+        if self.context_layer is None:
+            cs = [0.0] * len(self.blocks)
+        else:
+            cs = self.context_layer(self.activation(context)).chunk(
+                len(self.blocks), -1
+            )
+        for block, c in zip(self.blocks, cs, strict=True):
+            h = block(h, c)
 
         return self.output_layer(h)

@@ -46,9 +46,25 @@ def test_loss_of_exact_conditional_velocity_is_zero():
     theta = torch.tensor([[0.5, -1.0]])
 
     def velocity(theta_t, x, t):
-        noise = (theta_t - (1 - t[:, None]) * theta) / t[:, None]
+        t = t.unsqueeze(-1)
+        noise = (theta_t - (1 - t) * theta) / t
         return noise - theta
 
-    loss = flow_matching_loss(velocity, theta.expand(64, 2), torch.zeros(64, 1))
-    assert loss.shape == (64,)
-    assert loss.max() < 1e-8
+    for num_draws in (1, 3):
+        loss = flow_matching_loss(
+            velocity, theta.expand(64, 2), torch.zeros(64, 1), num_draws=num_draws
+        )
+        assert loss.shape == (64,)
+        assert loss.max() < 1e-6
+
+
+def test_more_draws_lower_the_loss_variance():
+    theta, x = torch.randn(2000, 2), torch.zeros(2000, 1)
+
+    def velocity(theta_t, x, t):
+        return torch.zeros_like(theta_t)
+
+    one = flow_matching_loss(velocity, theta, x)
+    eight = flow_matching_loss(velocity, theta, x, num_draws=8)
+    torch.testing.assert_close(one.mean(), eight.mean(), atol=0.1, rtol=0)
+    assert eight.var() < one.var() / 2

@@ -35,14 +35,12 @@ def trained(tmp_path_factory):
     prior = torch.distributions.MultivariateNormal(torch.zeros(D), torch.eye(D))
     theta = prior.sample((3000,))
 
-    inference = NPE(
-        prior,
-        density_estimator="flow_matching",
-        show_progress_bars=False,
-        summary_writer=None,
-    )
     with pytest.MonkeyPatch.context() as patch:
+        # sbi's trainers write TensorBoard logs to ./sbi-logs.
         patch.chdir(tmp_path_factory.mktemp("logs"))
+        inference = NPE(
+            prior, density_estimator="flow_matching", show_progress_bars=False
+        )
         inference.append_simulations(theta, simulate(theta)).train(max_num_epochs=300)
 
     return inference, inference.build_posterior()
@@ -114,3 +112,30 @@ def test_validation_loss_is_reproducible(trained):
     estimator = inference._neural_net.eval()
     theta, x = torch.randn(64, D), torch.randn(64, D)
     assert torch.equal(estimator.loss(theta, x), estimator.loss(theta, x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dim", [5, 20])
+def test_npe_accuracy_with_more_simulations(dim, tmp_path):
+    # dim=20 evaluates log_prob with Hutchinson's estimator under the default "auto".
+    prior = torch.distributions.MultivariateNormal(torch.zeros(dim), torch.eye(dim))
+    theta = prior.sample((10_000,))
+    x = theta + NOISE * torch.randn_like(theta)
+    x_o = simulate(prior.sample((1,)))
+    shrink = 1 / (1 + NOISE**2)
+    reference = torch.distributions.MultivariateNormal(
+        shrink * x_o[0], NOISE**2 * shrink * torch.eye(dim)
+    )
+
+    inference = NPE(prior, density_estimator="flow_matching", show_progress_bars=False)
+    inference.append_simulations(theta, x).train()
+    posterior = inference.build_posterior()
+
+    samples = posterior.sample((5000,), x=x_o, show_progress_bars=False)
+    assert c2st(samples, reference.sample((5000,))).item() <= 0.55
+
+    theta = reference.sample((500,))
+    log_p = posterior.log_prob(theta, x=x_o, norm_posterior=False)
+    expected = reference.log_prob(theta)
+    assert torch.corrcoef(torch.stack((log_p, expected)))[0, 1] > 0.95
+    assert (log_p - expected).abs().median() < 0.1 * dim

@@ -1,0 +1,1 @@
+"""Benchmark harness for sbi-fm-plugin (not part of the installed package)."""

@@ -10,6 +10,9 @@ normalizing flows and mixtures and are ignored.
 
 __all__ = ["build_flow_matching"]
 
+import dataclasses
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -19,30 +22,44 @@ from .network import ACTIVATIONS, VelocityMLP
 from .ode import SolverOptions
 
 SBI_PLACEHOLDER_WIDTH = 50
-DEFAULT_WIDTH = 256
+
+
+def _defaults(function: object, names: tuple[str, ...]) -> dict[str, object]:
+    parameters = inspect.signature(function).parameters
+    return {name: parameters[name].default for name in names}
+
 
 #: Options of the velocity network, with their defaults.
-NETWORK_DEFAULTS = {
-    "depth": 5,
-    "activation": "mish",
-    "dropout": 0.05,
-    "layer_norm": True,
-    "time_features": 32,
-    "time_scale": 1.0,
-    "context_every_block": True,
-}
+NETWORK_DEFAULTS = _defaults(
+    VelocityMLP,
+    (
+        "depth",
+        "activation",
+        "dropout",
+        "layer_norm",
+        "time_features",
+        "time_scale",
+        "context_every_block",
+    ),
+)
+DEFAULT_WIDTH = _defaults(VelocityMLP, ("width",))["width"]
 
 #: Options of the estimator, with their defaults.
-ESTIMATOR_DEFAULTS = {
-    "time_power_law_alpha": 0.0,
-    "sigma_min": 0.0,
-    "num_draws": 1,
-    "divergence": "auto",
-    "exact_divergence_max_dim": 16,
-}
+ESTIMATOR_DEFAULTS = _defaults(
+    FlowMatchingEstimator,
+    (
+        "time_power_law_alpha",
+        "time_uniform_fraction",
+        "sigma_min",
+        "num_draws",
+        "divergence",
+        "exact_divergence_max_dim",
+    ),
+)
 
+#: Options of the ODE solver, with their defaults.
 SOLVER_DEFAULTS = {
-    name: getattr(SolverOptions(), name) for name in SolverOptions.__dataclass_fields__
+    field.name: field.default for field in dataclasses.fields(SolverOptions)
 }
 
 IGNORED = ("num_transforms", "num_bins", "num_components")
@@ -72,7 +89,7 @@ def build_flow_matching(
         z_score_y: How to z-score `batch_y`, same options.
         hidden_features: Width of the velocity network, unless it is 50.
         embedding_net: Embedding network of the condition.
-        width: Width of the velocity network (256 by default).
+        width: Width of the velocity network (128 by default).
         velocity_net: A velocity network to use instead of :class:`VelocityMLP`.
         options: Network options (`depth`, `activation`, `dropout`, `layer_norm`,
             `time_features`, `time_scale`), estimator options

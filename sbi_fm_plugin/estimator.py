@@ -41,6 +41,8 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         time_power_law_alpha: Exponent of the training time schedule, with the
             meaning of BayesFlow's option of the same name
             (see :func:`sbi_fm_plugin.path.sample_times`).
+        time_uniform_fraction: Fraction of training times drawn uniformly instead of
+            from the power law.
         sigma_min: Standard deviation of the probability path at the data.
         num_draws: Number of (time, noise) draws per pair in the loss.
         solver: Default solver options, overridable in each call.
@@ -60,9 +62,10 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         embedding_net: nn.Module | None = None,
         theta_mean: Tensor | float = 0.0,
         theta_std: Tensor | float = 1.0,
-        time_power_law_alpha: float = 0.0,
+        time_power_law_alpha: float = -0.8,
+        time_uniform_fraction: float = 0.3,
         sigma_min: float = 0.0,
-        num_draws: int = 1,
+        num_draws: int = 4,
         solver: SolverOptions | None = None,
         divergence: str = "auto",
         exact_divergence_max_dim: int = 16,
@@ -73,6 +76,11 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         if not time_power_law_alpha > -1:
             raise ValueError(
                 f"Expected `time_power_law_alpha` > -1, got {time_power_law_alpha!r}."
+            )
+        if not 0 <= time_uniform_fraction <= 1:
+            raise ValueError(
+                "Expected 0 <= `time_uniform_fraction` <= 1, got "
+                f"{time_uniform_fraction!r}."
             )
         if not 0 <= sigma_min < 1:
             raise ValueError(f"Expected 0 <= `sigma_min` < 1, got {sigma_min!r}.")
@@ -93,6 +101,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         self.register_buffer("theta_std", theta_std.expand(self.input_shape).clone())
 
         self.time_power_law_alpha = float(time_power_law_alpha)
+        self.time_uniform_fraction = float(time_uniform_fraction)
         self.sigma_min = float(sigma_min)
         self.num_draws = num_draws
         self.solver = SolverOptions() if solver is None else solver
@@ -147,6 +156,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             self.sigma_min,
             generator,
             self.num_draws,
+            self.time_uniform_fraction,
         )
 
     def log_prob(self, input: Tensor, condition: Tensor, **options: object) -> Tensor:

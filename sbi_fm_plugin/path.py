@@ -44,12 +44,15 @@ def sample_times(
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    uniform_fraction: float = 0.0,
 ) -> Tensor:
-    r"""Draws times :math:`t = 1 - u^{1 + \alpha}`, :math:`u \sim \mathcal{U}(0, 1)`.
+    r"""Draws times :math:`t = 1 - u^{1 + \alpha}`, :math:`u \sim \mathcal{U}(0, 1)`,
+    mixed with uniform times.
 
     Args:
         shape: Shape of the returned tensor.
         alpha: Exponent :math:`\alpha > -1`.
+        uniform_fraction: Probability that a time is uniform instead.
         generator: Optional source of randomness.
         device: Device of the returned tensor.
         dtype: Floating point type of the returned tensor.
@@ -62,8 +65,12 @@ def sample_times(
         torch.Size([3])
     """
     u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    t = 1 - u ** (1 + alpha)
+    if uniform_fraction > 0:
+        v = torch.rand((2, *shape), generator=generator, device=device, dtype=dtype)
+        t = torch.where(v[0] < uniform_fraction, v[1], t)
 
-    return 1 - u ** (1 + alpha)
+    return t
 
 
 def interpolate(theta: Tensor, noise: Tensor, t: Tensor, sigma_min: float) -> Tensor:
@@ -93,6 +100,7 @@ def flow_matching_loss(
     sigma_min: float = 0.0,
     generator: torch.Generator | None = None,
     num_draws: int = 1,
+    uniform_fraction: float = 0.0,
 ) -> Tensor:
     r"""Returns the per-sample conditional flow matching loss.
 
@@ -106,6 +114,7 @@ def flow_matching_loss(
         num_draws: Number of (time, noise) draws per pair, whose losses are
             averaged: more draws lower the variance of the gradient for little
             more than the cost of a larger batch.
+        uniform_fraction: Fraction of uniform times mixed into the schedule.
 
     Returns:
         The loss of each pair, with shape :math:`(N,)`.
@@ -116,7 +125,9 @@ def flow_matching_loss(
         torch.Size([4])
     """
     shape = (num_draws, *theta.shape)
-    t = sample_times(shape[:2], alpha, generator, theta.device, theta.dtype)
+    t = sample_times(
+        shape[:2], alpha, generator, theta.device, theta.dtype, uniform_fraction
+    )
     noise = torch.randn(
         shape, generator=generator, device=theta.device, dtype=theta.dtype
     )

@@ -65,11 +65,6 @@ def test_npe_posterior_matches_analytic(trained):
     expected = reference.log_prob(theta)
     # Achieved with seed 0: median 0.18, mean 0.25, correlation 0.975.
     error = (log_p - expected).abs()
-    print(
-        error.median(),
-        error.mean(),
-        torch.corrcoef(torch.stack((log_p, expected)))[0, 1],
-    )
     assert error.median() < 0.25
     assert error.mean() < 0.35
     assert torch.corrcoef(torch.stack((log_p, expected)))[0, 1] > 0.95

@@ -43,6 +43,8 @@ def test_unknown_option_names_it():
         ({"num_steps": 0}, "`num_steps`"),
         ({"sigma_min": 1.0}, "`sigma_min`"),
         ({"time_power_law_alpha": -1.0}, "`time_power_law_alpha`"),
+        ({"time_uniform_fraction": 1.5}, "`time_uniform_fraction`"),
+        ({"num_draws": 0}, "`num_draws`"),
         ({"divergence": "trace"}, "`divergence`"),
         ({"z_score_x": "transform_to_unconstrained"}, "`z_score_x`"),
         ({"z_score_y": "robust"}, "`z_score_y`"),

@@ -20,6 +20,15 @@ def test_sample_times_follow_power_law(alpha):
         assert abs((t <= s).float().mean().item() - expected) < 5e-3
 
 
+def test_uniform_fraction_mixes_schedules():
+    t = sample_times(torch.Size([200_000]), alpha=-0.8, uniform_fraction=0.3)
+
+    # P(t <= s) = 0.3 s + 0.7 (1 - (1 - s)^5)
+    for s in (0.05, 0.3, 0.8):
+        expected = 0.3 * s + 0.7 * (1 - (1 - s) ** 5)
+        assert abs((t <= s).float().mean().item() - expected) < 5e-3
+
+
 @pytest.mark.parametrize("sigma_min", [0.0, 1e-3])
 def test_path_ends_and_velocity(sigma_min):
     theta, noise = torch.randn(7, 3), torch.randn(7, 3)

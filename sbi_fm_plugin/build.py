@@ -16,6 +16,7 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_count
 from ._sbi import standardizing_net, z_score_parser, z_standardization
 from .estimator import FlowMatchingEstimator
 from .network import ACTIVATIONS, VelocityMLP
@@ -203,10 +204,9 @@ def _velocity_mlp(
             f"Expected `activation` to be one of {sorted(ACTIVATIONS)}, got "
             f"{options['activation']!r}."
         )
-    for name in ("width", "depth", "time_features"):
-        value = width if name == "width" else options[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected `{name}` to be an int >= 1, got {value!r}.")
+    check_count("width", width)
+    for name in ("depth", "time_features"):
+        check_count(name, options[name])
     if not 0 <= options["dropout"] < 1:
         raise ValueError(f"Expected 0 <= `dropout` < 1, got {options['dropout']!r}.")
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ode
+from ._checks import check_count
 from ._sbi import ConditionalDensityEstimator
 from .ode import SolverOptions
 from .path import flow_matching_loss
@@ -84,14 +85,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             )
         if not 0 <= sigma_min < 1:
             raise ValueError(f"Expected 0 <= `sigma_min` < 1, got {sigma_min!r}.")
-        if (
-            isinstance(num_draws, bool)
-            or not isinstance(num_draws, int)
-            or num_draws < 1
-        ):
-            raise ValueError(
-                f"Expected `num_draws` to be an int >= 1, got {num_draws!r}."
-            )
+        check_count("num_draws", num_draws)
         _check_divergence(divergence)
 
         self._embedding_net = nn.Identity() if embedding_net is None else embedding_net

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from ._checks import check_count
+
 Field = Callable[[Tensor, Tensor], Tensor]
 
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
@@ -79,12 +81,8 @@ class SolverOptions:
             if not value > 0:
                 raise ValueError(f"Expected `{name}` > 0, got {value!r}.")
 
-        for name in ("num_steps", "max_nfe"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"Expected `{name}` to be an int, got {value!r}.")
-            if value < 1:
-                raise ValueError(f"Expected `{name}` >= 1, got {value!r}.")
+        check_count("num_steps", self.num_steps)
+        check_count("max_nfe", self.max_nfe)
 
     @property
     def adaptive(self) -> bool:

@@ -158,6 +158,11 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
 
         Gradients flow to the inputs and the parameters.
 
+        Note:
+            With gradients enabled, the graph through every solver step is kept for
+            the backward pass, which makes the call several times slower. Wrap it
+            in `torch.no_grad()` when no gradient is needed, as sbi's posteriors do.
+
         Args:
             input: Parameters, with shape :math:`(S, B, *input\_shape)`,
                 :math:`(B, *input\_shape)` or :math:`(*input\_shape)`.

@@ -55,6 +55,7 @@ ESTIMATOR_DEFAULTS = _defaults(
         "num_draws",
         "divergence",
         "exact_divergence_max_dim",
+        "ema_decay",
     ),
 )
 

@@ -10,6 +10,7 @@ noise (:math:`t = 1`); see :mod:`sbi_fm_plugin.path` and :mod:`sbi_fm_plugin.ode
 __all__ = ["FlowMatchingEstimator"]
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -53,6 +54,9 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             `auto`.
         eval_seed: Seed of the times and noise of the loss in `eval()` mode, which
             makes validation losses comparable from epoch to epoch.
+        ema_decay: Decay of the exponential moving average of the weights of the
+            velocity and embedding networks, updated at every training loss and used
+            in `eval()` mode (validation, sampling, densities); None turns it off.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         divergence: str = "auto",
         exact_divergence_max_dim: int = 16,
         eval_seed: int = 0,
+        ema_decay: float | None = 0.999,
     ) -> None:
         super().__init__(net, torch.Size(input_shape), torch.Size(condition_shape))
 
@@ -102,6 +107,12 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         self.divergence = divergence
         self.exact_divergence_max_dim = exact_divergence_max_dim
         self.eval_seed = eval_seed
+        self.ema_decay = ema_decay
+        self.ema = None
+        if ema_decay is not None:
+            modules = {"net": self.net, "embedding_net": self._embedding_net}
+            self.ema = copy.deepcopy(nn.ModuleDict(modules)).requires_grad_(False)
+            self.register_buffer("ema_updates", torch.zeros(()))
 
     @property
     def embedding_net(self) -> nn.Module:
@@ -138,6 +149,8 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         generator = None
         if not self.training:
             generator = torch.Generator(device=input.device).manual_seed(self.eval_seed)
+        elif self.ema is not None and torch.is_grad_enabled():
+            self._update_ema()
 
         z = self._standardize(input)
         x = self._embed(condition)
@@ -339,14 +352,37 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
     def _embed(self, condition: Tensor) -> Tensor:
         batch_shape = condition.shape[: condition.dim() - len(self.condition_shape)]
         condition = condition.reshape(-1, *self.condition_shape)
-        return self._embedding_net(condition).reshape(*batch_shape, -1)
+        return self._module("embedding_net")(condition).reshape(*batch_shape, -1)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # The usual warm-up keeps the random initialisation from lingering.
+        self.ema_updates += 1
+        n = self.ema_updates
+        weight = 1 - ((1 + n) / (10 + n)).clamp(max=self.ema_decay)
+
+        for name, module in (("net", self.net), ("embedding_net", self._embedding_net)):
+            ema = self.ema[name]
+            for average, parameter in zip(
+                ema.parameters(), module.parameters(), strict=True
+            ):
+                average.lerp_(parameter, weight)
+            for average, buffer in zip(ema.buffers(), module.buffers(), strict=True):
+                average.copy_(buffer)
+
+    def _module(self, name: str) -> nn.Module:
+        # Outside training, the weight averages stand in for the trained modules.
+        if self.ema is not None and not self.training:
+            return self.ema[name]
+        return self.net if name == "net" else self._embedding_net
 
     def _call_net(self, theta_t: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        if getattr(self.net, "broadcasts_inputs", False):
-            return self.net(theta_t, x, t)
+        net = self._module("net")
+        if getattr(net, "broadcasts_inputs", False):
+            return net(theta_t, x, t)
 
         batch_shape = theta_t.shape[:-1]
-        v = self.net(
+        v = net(
             theta_t.reshape(-1, theta_t.shape[-1]),
             x.expand(*batch_shape, x.shape[-1]).reshape(-1, x.shape[-1]),
             t.expand(batch_shape).reshape(-1),

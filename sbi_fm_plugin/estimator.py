@@ -91,6 +91,10 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         if not 0 <= sigma_min < 1:
             raise ValueError(f"Expected 0 <= `sigma_min` < 1, got {sigma_min!r}.")
         check_count("num_draws", num_draws)
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ValueError(
+                f"Expected 0 < `ema_decay` < 1 or None, got {ema_decay!r}."
+            )
         _check_divergence(divergence)
 
         self._embedding_net = nn.Identity() if embedding_net is None else embedding_net

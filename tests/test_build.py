@@ -45,6 +45,7 @@ def test_unknown_option_names_it():
         ({"time_power_law_alpha": -1.0}, "`time_power_law_alpha`"),
         ({"time_uniform_fraction": 1.5}, "`time_uniform_fraction`"),
         ({"num_draws": 0}, "`num_draws`"),
+        ({"ema_decay": 1.0}, "`ema_decay`"),
         ({"divergence": "trace"}, "`divergence`"),
         ({"z_score_x": "transform_to_unconstrained"}, "`z_score_x`"),
         ({"z_score_y": "robust"}, "`z_score_y`"),

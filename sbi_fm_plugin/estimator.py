@@ -157,10 +157,11 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             self._update_ema()
 
         z = self._standardize(input)
-        x = self._embed(condition)
+        averaged = self._averaged
+        x = self._embed(condition, averaged)
 
         return flow_matching_loss(
-            self._call_net,
+            lambda theta_t, x, t: self._call_net(theta_t, x, t, averaged),
             z,
             x,
             self.time_power_law_alpha,
@@ -173,7 +174,8 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
     def log_prob(self, input: Tensor, condition: Tensor, **options: object) -> Tensor:
         r"""Returns the log-density of the inputs given the conditions.
 
-        Gradients flow to the inputs and the parameters.
+        Gradients flow to the inputs, and in training mode to the parameters; in
+        `eval()` mode the weight averages are used (see `ema_decay`).
 
         Note:
             With gradients enabled, the graph through every solver step is kept for
@@ -207,11 +209,16 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         except RuntimeError as err:
             raise ValueError(str(err)) from err
 
+        averaged = self._averaged
         with self._deterministic():
             # A condition without sample dimension comes back expanded: embed it once.
-            x = self._embed(condition[0] if condition.stride(0) == 0 else condition)
+            condition = condition[0] if condition.stride(0) == 0 else condition
+            x = self._embed(condition, averaged)
             log_p = ode.log_prob(
-                self._velocity(x), self._standardize(input), solver, divergence
+                self._velocity(x, averaged),
+                self._standardize(input),
+                solver,
+                divergence,
             )
 
         return log_p - self.theta_std.log().sum()
@@ -234,9 +241,12 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             The samples, with shape :math:`(*sample\_shape, B, *input\_shape)`.
         """
         solver, _ = self._options(options)
+        averaged = self._averaged
         with torch.no_grad(), self._deterministic():
-            sample_shape, x, noise = self._prepare_sampling(sample_shape, condition)
-            z = ode.sample(self._velocity(x), noise, solver)
+            sample_shape, x, noise = self._prepare_sampling(
+                sample_shape, condition, averaged
+            )
+            z = ode.sample(self._velocity(x, averaged), noise, solver)
 
         return self._unstandardize(z).reshape(
             sample_shape + z.shape[1:2] + self.input_shape
@@ -261,10 +271,13 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             their log-densities, with shape :math:`(*sample\_shape, B)`.
         """
         solver, divergence = self._options(options)
+        averaged = self._averaged
         with torch.no_grad(), self._deterministic():
-            sample_shape, x, noise = self._prepare_sampling(sample_shape, condition)
+            sample_shape, x, noise = self._prepare_sampling(
+                sample_shape, condition, averaged
+            )
             z, log_p = ode.sample_and_log_prob(
-                self._velocity(x), noise, solver, divergence
+                self._velocity(x, averaged), noise, solver, divergence
             )
 
         theta = self._unstandardize(z).reshape(
@@ -275,7 +288,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         return theta, log_p.reshape(sample_shape + z.shape[1:2])
 
     def _prepare_sampling(
-        self, sample_shape: torch.Size, condition: Tensor
+        self, sample_shape: torch.Size, condition: Tensor, averaged: bool
     ) -> tuple[torch.Size, Tensor, Tensor]:
         try:
             sample_shape = torch.Size(sample_shape)
@@ -290,7 +303,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         if condition.dim() == len(self.condition_shape):
             condition = condition.unsqueeze(0)
 
-        x = self._embed(condition)
+        x = self._embed(condition, averaged)
         noise = torch.randn(
             (sample_shape.numel(), condition.shape[0], self.input_features),
             dtype=x.dtype,
@@ -353,10 +366,11 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         theta = z.unflatten(-1, self.input_shape)
         return theta * self.theta_std + self.theta_mean
 
-    def _embed(self, condition: Tensor) -> Tensor:
+    def _embed(self, condition: Tensor, averaged: bool) -> Tensor:
         batch_shape = condition.shape[: condition.dim() - len(self.condition_shape)]
         condition = condition.reshape(-1, *self.condition_shape)
-        return self._module("embedding_net")(condition).reshape(*batch_shape, -1)
+        embedding_net = self._module("embedding_net", averaged)
+        return embedding_net(condition).reshape(*batch_shape, -1)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -374,14 +388,21 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             for average, buffer in zip(ema.buffers(), module.buffers(), strict=True):
                 average.copy_(buffer)
 
-    def _module(self, name: str) -> nn.Module:
-        # Outside training, the weight averages stand in for the trained modules.
-        if self.ema is not None and not self.training:
+    @property
+    def _averaged(self) -> bool:
+        # Outside training, the weight averages stand in for the trained modules;
+        # in training mode, gradients must reach the trained weights.
+        return self.ema is not None and not self.training
+
+    def _module(self, name: str, averaged: bool) -> nn.Module:
+        if averaged:
             return self.ema[name]
         return self.net if name == "net" else self._embedding_net
 
-    def _call_net(self, theta_t: Tensor, x: Tensor, t: Tensor) -> Tensor:
-        net = self._module("net")
+    def _call_net(
+        self, theta_t: Tensor, x: Tensor, t: Tensor, averaged: bool
+    ) -> Tensor:
+        net = self._module("net", averaged)
         if getattr(net, "broadcasts_inputs", False):
             return net(theta_t, x, t)
 
@@ -393,8 +414,8 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         )
         return v.reshape(theta_t.shape)
 
-    def _velocity(self, x: Tensor) -> ode.Field:
-        return lambda theta_t, t: self._call_net(theta_t, x, t)
+    def _velocity(self, x: Tensor, averaged: bool) -> ode.Field:
+        return lambda theta_t, t: self._call_net(theta_t, x, t, averaged)
 
     @contextlib.contextmanager
     def _deterministic(self) -> Iterator[None]:

@@ -311,3 +311,13 @@ def test_weight_average_follows_training_and_serves_evaluation():
     evaluated = estimator.loss(theta, x)
     estimator.ema["net"].load_state_dict(estimator.net.state_dict())
     assert not torch.equal(evaluated, estimator.loss(theta, x))
+
+
+def test_log_prob_in_training_mode_reaches_the_weights():
+    # Losses built on log_prob (such as sbi's atomic NPE-C loss) train the weights.
+    theta, x = torch.randn(50, D), torch.randn(50, E)
+    estimator = build_flow_matching(theta, x, width=16, depth=2).train()
+
+    estimator.log_prob(theta[:5], x[:5], method="rk4", num_steps=5).sum().backward()
+    for name, parameter in estimator.net.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name

@@ -408,7 +408,9 @@ def velocity_net(posterior: NeuralPosterior) -> nn.Module | None:
     """Finds the velocity network of an ODE-based posterior.
 
     sbi's FMPE posterior keeps it at ``posterior.vector_field_estimator.net``; for
-    estimators plugged into NPE it is ``posterior.posterior_estimator.net``.
+    estimators plugged into NPE it is ``posterior.posterior_estimator.net``, or the
+    weight average ``posterior.posterior_estimator.ema["net"]`` that the plugin
+    evaluates with.
 
     Args:
         posterior: An sbi posterior.
@@ -417,7 +419,10 @@ def velocity_net(posterior: NeuralPosterior) -> nn.Module | None:
         The network, or None if there is none.
     """
     for owner_name in ("vector_field_estimator", "posterior_estimator"):
-        net = getattr(getattr(posterior, owner_name, None), "net", None)
+        owner = getattr(posterior, owner_name, None)
+        # The plugin evaluates with a moving average of the weights when it has one.
+        average = getattr(owner, "ema", None)
+        net = average["net"] if average is not None else getattr(owner, "net", None)
         if isinstance(net, nn.Module):
             return net
     return None

@@ -73,7 +73,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         num_draws: int = 4,
         solver: SolverOptions | None = None,
         divergence: str = "auto",
-        exact_divergence_max_dim: int = 16,
+        exact_divergence_max_dim: int = 32,
         eval_seed: int = 0,
         ema_decay: float | None = 0.999,
     ) -> None:

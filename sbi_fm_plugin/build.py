@@ -94,11 +94,14 @@ def build_flow_matching(
         width: Width of the velocity network (128 by default).
         velocity_net: A velocity network to use instead of :class:`VelocityMLP`.
         options: Network options (`depth`, `activation`, `dropout`, `layer_norm`,
-            `time_features`, `time_scale`), estimator options
-            (`time_power_law_alpha`, `sigma_min`, `divergence`,
-            `exact_divergence_max_dim`) and solver options (`method`, `rtol`,
-            `atol`, `num_steps`, `max_nfe`). `num_transforms`, `num_bins` and
-            `num_components` are accepted and ignored.
+            `time_features`, `time_scale`, `context_every_block`; see
+            :class:`VelocityMLP`), estimator options (`time_power_law_alpha`,
+            `time_uniform_fraction`, `sigma_min`, `num_draws`, `divergence`,
+            `exact_divergence_max_dim`, `ema_decay`; see
+            :class:`FlowMatchingEstimator`) and solver options (`method`, `rtol`,
+            `atol`, `num_steps`, `max_nfe`; see :class:`SolverOptions`).
+            `num_transforms`, `num_bins` and `num_components` are accepted and
+            ignored.
 
     Returns:
         An untrained estimator.

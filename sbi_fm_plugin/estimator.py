@@ -114,8 +114,8 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         self.ema_decay = ema_decay
         self.ema = None
         if ema_decay is not None:
-            modules = {"net": self.net, "embedding_net": self._embedding_net}
-            self.ema = copy.deepcopy(nn.ModuleDict(modules)).requires_grad_(False)
+            modules = nn.ModuleDict(self._trained_modules())
+            self.ema = copy.deepcopy(modules).requires_grad_(False)
             self.register_buffer("ema_updates", torch.zeros(()))
 
     @property
@@ -379,7 +379,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         n = self.ema_updates
         weight = 1 - ((1 + n) / (10 + n)).clamp(max=self.ema_decay)
 
-        for name, module in (("net", self.net), ("embedding_net", self._embedding_net)):
+        for name, module in self._trained_modules().items():
             ema = self.ema[name]
             for average, parameter in zip(
                 ema.parameters(), module.parameters(), strict=True
@@ -394,10 +394,13 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         # in training mode, gradients must reach the trained weights.
         return self.ema is not None and not self.training
 
+    def _trained_modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net, "embedding_net": self._embedding_net}
+
     def _module(self, name: str, averaged: bool) -> nn.Module:
         if averaged:
             return self.ema[name]
-        return self.net if name == "net" else self._embedding_net
+        return self._trained_modules()[name]
 
     def _call_net(
         self, theta_t: Tensor, x: Tensor, t: Tensor, averaged: bool

@@ -52,10 +52,10 @@ def sample_times(
     Args:
         shape: Shape of the returned tensor.
         alpha: Exponent :math:`\alpha > -1`.
-        uniform_fraction: Probability that a time is uniform instead.
         generator: Optional source of randomness.
         device: Device of the returned tensor.
         dtype: Floating point type of the returned tensor.
+        uniform_fraction: Probability that a time is uniform instead.
 
     Returns:
         Times in :math:`[0, 1)`.

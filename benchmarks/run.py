@@ -410,7 +410,9 @@ def velocity_net(posterior: NeuralPosterior) -> nn.Module | None:
     sbi's FMPE posterior keeps it at ``posterior.vector_field_estimator.net``; for
     estimators plugged into NPE it is ``posterior.posterior_estimator.net``, or the
     weight average ``posterior.posterior_estimator.ema["net"]`` that the plugin
-    evaluates with.
+    evaluates with. The plugin's ``VelocityMLP`` is called through its ``velocity``
+    method, not ``forward``, so its output layer, called once per evaluation, is
+    what is returned for it.
 
     Args:
         posterior: An sbi posterior.
@@ -424,7 +426,7 @@ def velocity_net(posterior: NeuralPosterior) -> nn.Module | None:
         average = getattr(owner, "ema", None)
         net = average["net"] if average is not None else getattr(owner, "net", None)
         if isinstance(net, nn.Module):
-            return net
+            return getattr(net, "output_layer", net)
     return None
 
 

@@ -158,12 +158,12 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
 
         z = self._standardize(input)
         averaged = self._averaged
-        x = self._embed(condition, averaged)
+        context = self._context(condition, averaged)
 
         return flow_matching_loss(
-            lambda theta_t, x, t: self._call_net(theta_t, x, t, averaged),
+            self._velocity(averaged),
             z,
-            x,
+            context,
             self.time_power_law_alpha,
             self.sigma_min,
             generator,
@@ -213,15 +213,16 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         with self._deterministic():
             # A condition without sample dimension comes back expanded: embed it once.
             condition = condition[0] if condition.stride(0) == 0 else condition
-            x = self._embed(condition, averaged)
+            context = self._context(condition, averaged)
             log_p = ode.log_prob(
-                self._velocity(x, averaged),
-                self._standardize(input),
+                self._velocity(averaged),
+                self._standardize(input).flatten(end_dim=1),
+                context.flatten(end_dim=-2),
                 solver,
                 divergence,
             )
 
-        return log_p - self.theta_std.log().sum()
+        return log_p.reshape(input.shape[:2]) - self.theta_std.log().sum()
 
     def sample(
         self, sample_shape: torch.Size, condition: Tensor, **options: object
@@ -243,13 +244,13 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         solver, _ = self._options(options)
         averaged = self._averaged
         with torch.no_grad(), self._deterministic():
-            sample_shape, x, noise = self._prepare_sampling(
+            sample_shape, context, noise = self._prepare_sampling(
                 sample_shape, condition, averaged
             )
-            z = ode.sample(self._velocity(x, averaged), noise, solver)
+            z = ode.sample(self._velocity(averaged), noise, context, solver)
 
         return self._unstandardize(z).reshape(
-            sample_shape + z.shape[1:2] + self.input_shape
+            sample_shape + context.shape[:1] + self.input_shape
         )
 
     def sample_and_log_prob(
@@ -273,19 +274,18 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         solver, divergence = self._options(options)
         averaged = self._averaged
         with torch.no_grad(), self._deterministic():
-            sample_shape, x, noise = self._prepare_sampling(
+            sample_shape, context, noise = self._prepare_sampling(
                 sample_shape, condition, averaged
             )
             z, log_p = ode.sample_and_log_prob(
-                self._velocity(x, averaged), noise, solver, divergence
+                self._velocity(averaged), noise, context, solver, divergence
             )
 
-        theta = self._unstandardize(z).reshape(
-            sample_shape + z.shape[1:2] + self.input_shape
-        )
+        batch_shape = sample_shape + context.shape[:1]
+        theta = self._unstandardize(z).reshape(batch_shape + self.input_shape)
         log_p = log_p - self.theta_std.log().sum()
 
-        return theta, log_p.reshape(sample_shape + z.shape[1:2])
+        return theta, log_p.reshape(batch_shape)
 
     def _prepare_sampling(
         self, sample_shape: torch.Size, condition: Tensor, averaged: bool
@@ -303,14 +303,15 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         if condition.dim() == len(self.condition_shape):
             condition = condition.unsqueeze(0)
 
-        x = self._embed(condition, averaged)
+        context = self._context(condition, averaged)
+        # Draw i is conditioned on condition i % B, as `ode.sample` expects.
         noise = torch.randn(
-            (sample_shape.numel(), condition.shape[0], self.input_features),
-            dtype=x.dtype,
-            device=x.device,
+            (sample_shape.numel() * condition.shape[0], self.input_features),
+            dtype=context.dtype,
+            device=context.device,
         )
 
-        return sample_shape, x, noise
+        return sample_shape, context, noise
 
     def _options(self, options: dict[str, object]) -> tuple[SolverOptions, str]:
         options = dict(options)
@@ -366,11 +367,17 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         theta = z.unflatten(-1, self.input_shape)
         return theta * self.theta_std + self.theta_mean
 
-    def _embed(self, condition: Tensor, averaged: bool) -> Tensor:
+    def _context(self, condition: Tensor, averaged: bool) -> Tensor:
+        # Embeds the conditions, then does the velocity network's work that depends
+        # on the condition only, once per condition.
         batch_shape = condition.shape[: condition.dim() - len(self.condition_shape)]
         condition = condition.reshape(-1, *self.condition_shape)
-        embedding_net = self._module("embedding_net", averaged)
-        return embedding_net(condition).reshape(*batch_shape, -1)
+        x = self._module("embedding_net", averaged)(condition)
+        net = self._module("net", averaged)
+        if _splits_condition(net):
+            x = net.context(x)
+
+        return x.reshape(*batch_shape, -1)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -406,6 +413,8 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         self, theta_t: Tensor, x: Tensor, t: Tensor, averaged: bool
     ) -> Tensor:
         net = self._module("net", averaged)
+        if _splits_condition(net):
+            return net.velocity(theta_t, x, t)
         if getattr(net, "broadcasts_inputs", False):
             return net(theta_t, x, t)
 
@@ -417,8 +426,8 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         )
         return v.reshape(theta_t.shape)
 
-    def _velocity(self, x: Tensor, averaged: bool) -> ode.Field:
-        return lambda theta_t, t: self._call_net(theta_t, x, t, averaged)
+    def _velocity(self, averaged: bool) -> ode.Field:
+        return lambda theta_t, x, t: self._call_net(theta_t, x, t, averaged)
 
     @contextlib.contextmanager
     def _deterministic(self) -> Iterator[None]:
@@ -431,6 +440,14 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         finally:
             for module, mode in modes:
                 module.training = mode
+
+
+def _splits_condition(net: nn.Module) -> bool:
+    # A network may split off its work on the condition as `context(x)`, used as
+    # `velocity(theta_t, context, t)`; see `VelocityMLP`.
+    return callable(getattr(net, "context", None)) and callable(
+        getattr(net, "velocity", None)
+    )
 
 
 def _check_divergence(divergence: str) -> None:

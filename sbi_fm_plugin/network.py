@@ -102,14 +102,18 @@ class ResidualBlock(nn.Module):
 
 
 class VelocityMLP(nn.Module):
-    r"""A residual MLP on the concatenation of :math:`\theta_t`, the time embedding
-    and the condition embedding.
+    r"""A residual MLP on :math:`\theta_t`, the time embedding and the condition
+    embedding.
 
     The first layer is split into one linear map per input, which is the same as one
-    linear map of their concatenation, but lets inputs that are shared across samples
-    be projected once: during an ODE solve the time is the same for every sample and
-    the condition the same for every draw. Inputs therefore only need to broadcast
-    against each other.
+    linear map of their concatenation. Every residual block also receives a
+    projection of the condition, through one hidden layer, and a linear projection of
+    the time embedding. The work that depends on the condition only is done once per
+    condition by :meth:`context`, and :meth:`velocity` does the rest, whose cost per
+    point and time is the blocks and a few small maps of the time features: during an
+    ODE solve each trajectory can thus be at its own time, and the condition is
+    processed once for all its draws. Inputs only need to broadcast against each
+    other.
 
     Args:
         input_features: Size :math:`D` of :math:`\theta_t`.
@@ -121,10 +125,9 @@ class VelocityMLP(nn.Module):
         layer_norm: Whether the residual blocks normalise their input.
         time_features: Size of the Fourier time embedding.
         time_scale: Standard deviation of the Fourier frequencies.
-        context_every_block: Whether every block also receives a projection of the
-            time and condition (as in FiLM-style conditioning), rather than only the
-            first layer. The context is shared across draws, so it costs little
-            when sampling.
+        context_every_block: Whether every block also receives the time and the
+            condition (as in FiLM-style conditioning), rather than only the first
+            layer.
 
     Example:
         >>> net = VelocityMLP(2, 3, width=16, depth=2)
@@ -150,10 +153,14 @@ class VelocityMLP(nn.Module):
     ) -> None:
         super().__init__()
 
+        self.width = width
         self.time_embedding = FourierTimeEmbedding(time_features, time_scale)
         self.input_layer = nn.Linear(input_features, width)
         self.condition_layer = nn.Linear(condition_features, width, bias=False)
-        self.time_layer = nn.Linear(self.time_embedding.features, width, bias=False)
+        contexts = 1 + depth if context_every_block else 1
+        self.time_layer = nn.Linear(
+            self.time_embedding.features, contexts * width, bias=False
+        )
         self.activation = ACTIVATIONS[activation]()
         self.blocks = nn.ModuleList(
             ResidualBlock(width, activation, dropout, layer_norm) for _ in range(depth)
@@ -162,6 +169,50 @@ class VelocityMLP(nn.Module):
         if context_every_block:
             self.context_layer = nn.Linear(width, depth * width, bias=False)
         self.output_layer = nn.Linear(width, input_features)
+
+    def context(self, x: Tensor) -> Tensor:
+        r"""
+        Args:
+            x: Condition embeddings, with shape :math:`(*, E)`.
+
+        Returns:
+            What the velocity needs of the condition, with shape :math:`(*, C)`.
+        """
+        h = self.condition_layer(x)
+        if self.context_layer is None:
+            return h
+
+        return torch.cat((h, self.context_layer(self.activation(h))), dim=-1)
+
+    def velocity(self, theta_t: Tensor, context: Tensor, t: Tensor) -> Tensor:
+        r"""
+        Args:
+            theta_t: Points on the path, with shape :math:`(*, D)`.
+            context: The :meth:`context` of their conditions, with shape
+                :math:`(*, C)`.
+            t: Times, with shape :math:`(*)`.
+
+        Returns:
+            The velocities, with shape :math:`(*, D)`.
+        """
+        # One small product per block rather than one of all blocks at once and a
+        # split: the slices of the latter are not contiguous, which slows the rest.
+        time = self.time_embedding(t)
+        contexts = [
+            c + nn.functional.linear(time, weight)
+            for c, weight in zip(
+                context.split(self.width, dim=-1),
+                self.time_layer.weight.split(self.width),
+                strict=True,
+            )
+        ]
+        h = self.activation(self.input_layer(theta_t) + contexts[0])
+
+        rest = contexts[1:] or [0.0] * len(self.blocks)
+        for block, c in zip(self.blocks, rest, strict=True):
+            h = block(h, c)
+
+        return self.output_layer(h)
 
     def forward(self, theta_t: Tensor, x: Tensor, t: Tensor) -> Tensor:
         r"""
@@ -173,16 +224,4 @@ class VelocityMLP(nn.Module):
         Returns:
             The velocities, with shape :math:`(*, D)`.
         """
-        context = self.condition_layer(x) + self.time_layer(self.time_embedding(t))
-        h = self.activation(self.input_layer(theta_t) + context)
-
-        if self.context_layer is None:
-            cs = [0.0] * len(self.blocks)
-        else:
-            cs = self.context_layer(self.activation(context)).chunk(
-                len(self.blocks), -1
-            )
-        for block, c in zip(self.blocks, cs, strict=True):
-            h = block(h, c)
-
-        return self.output_layer(h)
+        return self.velocity(theta_t, self.context(x), t)

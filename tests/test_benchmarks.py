@@ -1,0 +1,38 @@
+"""The benchmark harness runs end to end; its numbers are checked elsewhere."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_runs(tmp_path):
+    out_json, out_md = tmp_path / "quick.json", tmp_path / "quick.md"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick"]
+        + ["--out-json", str(out_json), "--out-md", str(out_md)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=600,
+    )
+
+    records = json.loads(out_json.read_text())["results"]
+    assert {(r["task"], r["estimator"]) for r in records} == {
+        (task, estimator)
+        for task in ("two_moons", "gaussian_linear_uniform")
+        for estimator in ("nsf", "fmpe", "flow_matching")
+    }
+    for record in records:
+        assert record["error"] is None, record["error"]
+        assert 0.5 <= record["c2st"]["mean"] <= 1.0
+        assert record["sample"]["median_s"] > 0 and record["log_prob"]["median_s"] > 0
+
+    flow_matching = [r for r in records if r["estimator"] == "flow_matching"]
+    assert all(r["nfe"]["sample_calls"] > 0 for r in flow_matching)
+    assert "flow_matching" in out_md.read_text()
+    assert not (tmp_path / "sbi-logs").exists() and not (ROOT / "sbi-logs").exists()

@@ -9,8 +9,8 @@ integrating forwards,
 .. math:: \log p_0(\theta_0) = \log \mathcal{N}(\theta_1; 0, I)
     + \int_0^1 \nabla \cdot v(\theta_t, c, t) \, dt .
 
-The divergence is exact (one vector-Jacobian product per dimension, vectorised with
-`torch.func.vmap`) or Hutchinson's estimate :math:`\epsilon^\top J \epsilon` with
+The divergence is exact (one vector-Jacobian product per dimension, all through one
+forward pass) or Hutchinson's estimate :math:`\epsilon^\top J \epsilon` with
 Rademacher probes :math:`\epsilon` drawn once per trajectory (Grathwohl et al., 2019,
 arXiv:1810.01367).
 
@@ -370,7 +370,6 @@ def _augmented_field(
         )
 
     D = like.shape[-1]
-    eye = torch.eye(D, dtype=like.dtype, device=like.device).unsqueeze(1)
     if divergence == "hutchinson":
         probes = torch.randint(
             0, 2, like.shape, generator=generator, device=like.device
@@ -378,17 +377,43 @@ def _augmented_field(
         probes = 2 * probes.to(like.dtype) - 1
 
     def f(y: Tensor, t: Tensor, rows: Tensor) -> Tensor:
-        c = _gather(condition, rows)
-        v, vjp = torch.func.vjp(lambda theta: velocity(theta, c, t), y[:, :-1])
+        # Gradients through the solve (for `map()`, say) need the graph of the
+        # divergence itself; without them, one graph serves D cheap backward passes.
+        # Those measured faster than vectorising the D products with `vmap`, from 2
+        # to 10 dimensions and 20 to 1000 rows.
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            theta = y[:, :-1]
+            if not theta.requires_grad:
+                theta = theta.detach().requires_grad_(True)
+            v = velocity(theta, _gather(condition, rows), t)
 
-        if divergence == "exact":
-            (jacobian_rows,) = torch.func.vmap(vjp)(eye.expand(D, len(y), D))
-            div = jacobian_rows.diagonal(dim1=0, dim2=-1).sum(dim=-1)
-        else:
-            probe = probes[rows]
-            (row,) = vjp(probe)
-            div = (row * probe).sum(dim=-1)
+            if divergence == "exact":
+                div = 0.0
+                for i in range(D):
+                    cotangent = torch.zeros_like(v)
+                    cotangent[:, i] = 1.0
+                    (row,) = torch.autograd.grad(
+                        v,
+                        theta,
+                        cotangent,
+                        retain_graph=True,
+                        create_graph=create_graph,
+                    )
+                    div = div + row[:, i]
+            else:
+                probe = probes[rows]
+                (row,) = torch.autograd.grad(
+                    v,
+                    theta,
+                    probe,
+                    retain_graph=create_graph,
+                    create_graph=create_graph,
+                )
+                div = (row * probe).sum(dim=-1)
 
+        if not create_graph:
+            v = v.detach()
         return torch.cat((v, div.unsqueeze(-1)), dim=-1)
 
     return f

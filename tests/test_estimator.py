@@ -168,7 +168,9 @@ def test_results_do_not_depend_on_the_batch(estimator, shared_condition):
     single = torch.stack(
         [estimator.log_prob(theta[i], x[i % len(x)])[0, 0] for i in range(20)]
     )
-    torch.testing.assert_close(batched, single, atol=1e-4, rtol=0)
+    # Rounding differs with the batch size and can flip a step's acceptance, so the
+    # step sequences, and the results, may differ by up to the solver's tolerance.
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-5)
 
 
 def test_log_prob_is_differentiable(estimator):

@@ -103,7 +103,8 @@ def _build_fmpe(prior: Distribution) -> NeuralInference:
 
 
 def _build_flow_matching(prior: Distribution) -> NeuralInference:
-    # Importing the plugin registers "flow_matching" with sbi's NPE.
+    # Installing the plugin is enough; the import also covers environments where
+    # its start-up hook is switched off.
     importlib.import_module("sbi_fm_plugin")
     return NPE(
         prior,

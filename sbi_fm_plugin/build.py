@@ -8,17 +8,20 @@ not. Here `hidden_features` sets the network width unless it is sbi's placeholde
 normalizing flows and mixtures and are ignored.
 """
 
-__all__ = ["build_flow_matching"]
+__all__ = ["build_flow_matching", "flow_matching_nn"]
 
 import dataclasses
+import functools
 import inspect
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import check_count
 from ._sbi import standardizing_net, z_score_parser, z_standardization
-from .estimator import FlowMatchingEstimator
+from .estimator import FlowMatchingEstimator, check_options
 from .network import ACTIVATIONS, VelocityMLP
 from .ode import SolverOptions
 
@@ -203,6 +206,19 @@ def _velocity_mlp(
     width: int,
     options: dict,
 ) -> VelocityMLP:
+    _check_network_options(width, options)
+    with torch.no_grad():
+        condition_features = embedding_net(batch_y[:2]).flatten(start_dim=1).shape[1]
+
+    return VelocityMLP(
+        batch_x[0].numel(),
+        condition_features,
+        width=width,
+        **{name: options[name] for name in NETWORK_DEFAULTS},
+    )
+
+
+def _check_network_options(width: int, options: dict) -> None:
     if options["activation"] not in ACTIVATIONS:
         raise ValueError(
             f"Expected `activation` to be one of {sorted(ACTIVATIONS)}, got "
@@ -214,12 +230,131 @@ def _velocity_mlp(
     if not 0 <= options["dropout"] < 1:
         raise ValueError(f"Expected 0 <= `dropout` < 1, got {options['dropout']!r}.")
 
-    with torch.no_grad():
-        condition_features = embedding_net(batch_y[:2]).flatten(start_dim=1).shape[1]
 
-    return VelocityMLP(
-        batch_x[0].numel(),
-        condition_features,
-        width=width,
-        **{name: options[name] for name in NETWORK_DEFAULTS},
-    )
+def flow_matching_nn(
+    estimate: Literal["posterior", "likelihood"] = "posterior",
+    z_score_theta: str | None = "independent",
+    z_score_x: str | None = "independent",
+    embedding_net: nn.Module | None = None,
+    *,
+    width: int = 128,
+    depth: int = 3,
+    activation: str = "gelu",
+    dropout: float = 0.05,
+    layer_norm: bool = True,
+    context_every_block: bool = True,
+    time_features: int = 32,
+    time_scale: float = 1.0,
+    time_power_law_alpha: float = -0.8,
+    time_uniform_fraction: float = 0.3,
+    num_draws: int = 4,
+    ema_decay: float | None = 0.999,
+    sigma_min: float = 0.0,
+    method: str = "dopri5",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    per_sample_steps: bool = True,
+    num_steps: int = 20,
+    max_nfe: int = 10_000,
+    divergence: str = "auto",
+    exact_divergence_max_dim: int = 32,
+    velocity_net: nn.Module | None = None,
+) -> Callable[[Tensor, Tensor], FlowMatchingEstimator]:
+    r"""Returns a builder of flow matching estimators for sbi's trainers, the typed
+    counterpart of `posterior_nn("flow_matching", ...)` and
+    `likelihood_nn("flow_matching", ...)`.
+
+    Options are checked here, before any training.
+
+    Args:
+        estimate: `posterior` for NPE, where the estimator models :math:`\theta`
+            given :math:`x`; `likelihood` for NLE, where it models :math:`x` given
+            :math:`\theta`.
+        z_score_theta: How to z-score :math:`\theta`: `none` (or None),
+            `independent`, or `structured` (one mean and standard deviation for all
+            dimensions).
+        z_score_x: How to z-score :math:`x`, same options.
+        embedding_net: Embedding of the condition (:math:`x` for the posterior,
+            :math:`\theta` for the likelihood), trained jointly.
+        width: Width of the residual velocity MLP.
+        depth: Number of its residual blocks.
+        activation: `gelu`, `mish`, `silu`, `relu`, `elu` or `tanh`.
+        dropout: Dropout inside the residual blocks, off when sampling and
+            evaluating.
+        layer_norm: Whether each block starts with a layer normalisation.
+        context_every_block: Whether every block also receives the time and the
+            condition, not only the first layer.
+        time_features: Size of the Fourier time embedding.
+        time_scale: Frequency scale of the Fourier time embedding.
+        time_power_law_alpha: Training times are :math:`1 - u^{1 + \alpha}`,
+            :math:`u \sim U(0, 1)`; negative values favour times near the data.
+        time_uniform_fraction: Fraction of training times drawn uniformly instead.
+        num_draws: (time, noise) draws per training pair, averaged in the loss.
+        ema_decay: Decay of the moving average of the weights used for validation,
+            sampling and densities; None turns it off.
+        sigma_min: Width of the probability path at the data.
+        method: ODE solver: adaptive `dopri5`, `dopri8`, `bosh3`, `adaptive_heun`,
+            or fixed-step `euler`, `midpoint`, `rk4`.
+        rtol: Relative tolerance of adaptive solvers, per trajectory.
+        atol: Absolute tolerance of adaptive solvers, per trajectory.
+        per_sample_steps: Whether `dopri5` and `bosh3` choose each trajectory's step
+            size on its own, which makes results independent of the batch.
+        num_steps: Steps of fixed-step solvers.
+        max_nfe: Velocity evaluations after which a solve stops with a
+            :class:`~sbi_fm_plugin.SolverError`.
+        divergence: `exact`, `hutchinson`, or `auto` for exact up to
+            `exact_divergence_max_dim` parameters.
+        exact_divergence_max_dim: See `divergence`.
+        velocity_net: A velocity network to use instead of :class:`VelocityMLP`;
+            the network options above then do not apply.
+
+    Returns:
+        A builder, called by sbi as `builder(batch_theta, batch_x)`, and picklable.
+
+    Example:
+        >>> from sbi.inference import NLE, NPE
+        >>> prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+        >>> npe = NPE(prior, density_estimator=flow_matching_nn(width=64))
+        >>> nle = NLE(prior, density_estimator=flow_matching_nn("likelihood"))
+    """
+    if estimate not in ("posterior", "likelihood"):
+        raise ValueError(
+            f"Expected `estimate` to be 'posterior' or 'likelihood', got {estimate!r}."
+        )
+    for name, z_score in (("z_score_theta", z_score_theta), ("z_score_x", z_score_x)):
+        _z_score_flags(z_score, name)
+    if embedding_net is not None and not isinstance(embedding_net, nn.Module):
+        raise TypeError(
+            f"Expected `embedding_net` to be an nn.Module, got {type(embedding_net)}."
+        )
+
+    arguments = dict(locals())
+    options = {name: arguments[name] for name in NETWORK_DEFAULTS}
+    options |= {name: arguments[name] for name in ESTIMATOR_DEFAULTS}
+    options |= {name: arguments[name] for name in SOLVER_DEFAULTS}
+    if velocity_net is None:
+        _check_network_options(width, options)
+    check_options(**{name: options[name] for name in ESTIMATOR_DEFAULTS})
+    SolverOptions(**{name: options[name] for name in SOLVER_DEFAULTS})
+
+    if estimate == "posterior":
+        z_score_modelled, z_score_condition = z_score_theta, z_score_x
+    else:
+        z_score_modelled, z_score_condition = z_score_x, z_score_theta
+    options |= {
+        "z_score_x": z_score_modelled,
+        "z_score_y": z_score_condition,
+        "embedding_net": embedding_net,
+        "width": width,
+        "velocity_net": velocity_net,
+    }
+    return functools.partial(_build_from_pairs, estimate == "likelihood", options)
+
+
+def _build_from_pairs(
+    likelihood: bool, options: dict, batch_theta: Tensor, batch_x: Tensor
+) -> FlowMatchingEstimator:
+    # sbi's trainers call the builder with (theta, x) whatever is modelled.
+    if likelihood:
+        return build_flow_matching(batch_x=batch_x, batch_y=batch_theta, **options)
+    return build_flow_matching(batch_x=batch_theta, batch_y=batch_x, **options)

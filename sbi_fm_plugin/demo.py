@@ -23,8 +23,6 @@ def main(num_simulations: int = 2000, seed: int = 0) -> None:
     from sbi.inference import NPE
     from sbi.utils.metrics import c2st
 
-    import sbi_fm_plugin  # noqa: F401 (registers "flow_matching")
-
     torch.manual_seed(seed)
     dim, noise = 3, 0.5
     prior = torch.distributions.MultivariateNormal(torch.zeros(dim), torch.eye(dim))

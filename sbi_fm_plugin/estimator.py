@@ -79,23 +79,15 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
     ) -> None:
         super().__init__(net, torch.Size(input_shape), torch.Size(condition_shape))
 
-        if not time_power_law_alpha > -1:
-            raise ValueError(
-                f"Expected `time_power_law_alpha` > -1, got {time_power_law_alpha!r}."
-            )
-        if not 0 <= time_uniform_fraction <= 1:
-            raise ValueError(
-                "Expected 0 <= `time_uniform_fraction` <= 1, got "
-                f"{time_uniform_fraction!r}."
-            )
-        if not 0 <= sigma_min < 1:
-            raise ValueError(f"Expected 0 <= `sigma_min` < 1, got {sigma_min!r}.")
-        check_count("num_draws", num_draws)
-        if ema_decay is not None and not 0 < ema_decay < 1:
-            raise ValueError(
-                f"Expected 0 < `ema_decay` < 1 or None, got {ema_decay!r}."
-            )
-        _check_divergence(divergence)
+        check_options(
+            time_power_law_alpha=time_power_law_alpha,
+            time_uniform_fraction=time_uniform_fraction,
+            sigma_min=sigma_min,
+            num_draws=num_draws,
+            divergence=divergence,
+            exact_divergence_max_dim=exact_divergence_max_dim,
+            ema_decay=ema_decay,
+        )
 
         self._embedding_net = nn.Identity() if embedding_net is None else embedding_net
         theta_mean = torch.as_tensor(theta_mean, dtype=torch.get_default_dtype())
@@ -448,6 +440,40 @@ def _splits_condition(net: nn.Module) -> bool:
     return callable(getattr(net, "context", None)) and callable(
         getattr(net, "velocity", None)
     )
+
+
+def check_options(
+    time_power_law_alpha: float,
+    time_uniform_fraction: float,
+    sigma_min: float,
+    num_draws: int,
+    divergence: str,
+    exact_divergence_max_dim: int,
+    ema_decay: float | None,
+) -> None:
+    r"""Raises for an out-of-range option of :class:`FlowMatchingEstimator`."""
+    if not time_power_law_alpha > -1:
+        raise ValueError(
+            f"Expected `time_power_law_alpha` > -1, got {time_power_law_alpha!r}."
+        )
+    if not 0 <= time_uniform_fraction <= 1:
+        raise ValueError(
+            "Expected 0 <= `time_uniform_fraction` <= 1, got "
+            f"{time_uniform_fraction!r}."
+        )
+    if not 0 <= sigma_min < 1:
+        raise ValueError(f"Expected 0 <= `sigma_min` < 1, got {sigma_min!r}.")
+    check_count("num_draws", num_draws)
+    if isinstance(exact_divergence_max_dim, bool) or not isinstance(
+        exact_divergence_max_dim, int
+    ):
+        raise TypeError(
+            "Expected `exact_divergence_max_dim` to be an int, got "
+            f"{exact_divergence_max_dim!r}."
+        )
+    if ema_decay is not None and not 0 < ema_decay < 1:
+        raise ValueError(f"Expected 0 < `ema_decay` < 1 or None, got {ema_decay!r}.")
+    _check_divergence(divergence)
 
 
 def _check_divergence(divergence: str) -> None:

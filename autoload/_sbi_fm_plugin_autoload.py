@@ -37,10 +37,13 @@ def install() -> None:
 def _discover() -> None:
     if disabled():
         return
-    package = sys.modules.get("sbi_fm_plugin")
-    if package is not None and getattr(package.__spec__, "_initializing", False):
-        # The package itself is importing sbi; it runs discovery once it is complete.
-        return
+    for name in ("sbi_fm_plugin", "sbi_fm_plugin._sbi"):
+        module = sys.modules.get(name)
+        spec = getattr(module, "__spec__", None)
+        if getattr(spec, "_initializing", False):
+            # The plugin itself is importing sbi; the package runs discovery once
+            # it is complete.
+            return
     # Whatever happens here, importing sbi must go on.
     try:
         from sbi_fm_plugin._sbi import load_entry_points

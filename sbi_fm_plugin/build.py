@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ._checks import check_count
 from ._sbi import standardizing_net, z_score_parser, z_standardization
+from .coupling import CouplingOptions
 from .estimator import FlowMatchingEstimator, check_options
 from .network import ACTIVATIONS, VelocityMLP
 from .ode import SolverOptions
@@ -67,6 +68,25 @@ SOLVER_DEFAULTS = {
     field.name: field.default for field in dataclasses.fields(SolverOptions)
 }
 
+#: Options of the coupling, with their defaults: `coupling` is the method, and
+#: `coupling_<field>` sets the other fields of :class:`CouplingOptions`.
+COUPLING_DEFAULTS = {
+    ("coupling" if field.name == "method" else f"coupling_{field.name}"): field.default
+    for field in dataclasses.fields(CouplingOptions)
+}
+
+
+def _coupling_options(options: dict) -> CouplingOptions:
+    return CouplingOptions(
+        **{
+            ("method" if name == "coupling" else name[len("coupling_") :]): options[
+                name
+            ]
+            for name in COUPLING_DEFAULTS
+        }
+    )
+
+
 IGNORED = ("num_transforms", "num_bins", "num_components")
 
 
@@ -101,8 +121,10 @@ def build_flow_matching(
             :class:`VelocityMLP`), estimator options (`time_power_law_alpha`,
             `time_uniform_fraction`, `sigma_min`, `num_draws`, `divergence`,
             `exact_divergence_max_dim`, `ema_decay`; see
-            :class:`FlowMatchingEstimator`) and solver options (`method`, `rtol`,
-            `atol`, `num_steps`, `max_nfe`; see :class:`SolverOptions`).
+            :class:`FlowMatchingEstimator`), solver options (`method`, `rtol`,
+            `atol`, `num_steps`, `max_nfe`, `per_sample_steps`; see
+            :class:`SolverOptions`) and coupling options (`coupling`, and
+            `coupling_<field>` for the fields of :class:`CouplingOptions`).
             `num_transforms`, `num_bins` and `num_components` are accepted and
             ignored.
 
@@ -117,7 +139,7 @@ def build_flow_matching(
     """
     for name in IGNORED:
         options.pop(name, None)
-    known = NETWORK_DEFAULTS | ESTIMATOR_DEFAULTS | SOLVER_DEFAULTS
+    known = NETWORK_DEFAULTS | ESTIMATOR_DEFAULTS | SOLVER_DEFAULTS | COUPLING_DEFAULTS
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise TypeError(
@@ -149,6 +171,7 @@ def build_flow_matching(
         theta_mean=theta_mean,
         theta_std=theta_std,
         solver=SolverOptions(**{name: options[name] for name in SOLVER_DEFAULTS}),
+        coupling=_coupling_options(options),
         **{name: options[name] for name in ESTIMATOR_DEFAULTS},
     )
 
@@ -258,6 +281,14 @@ def flow_matching_nn(
     max_nfe: int = 10_000,
     divergence: str = "auto",
     exact_divergence_max_dim: int = 32,
+    coupling: str = "none",
+    coupling_reg: float = 0.1,
+    coupling_max_iter: int = 1000,
+    coupling_tol: float = 1e-5,
+    coupling_mass: float = 0.9,
+    coupling_condition_ratio: float = 1.0,
+    coupling_condition_weight: float | None = None,
+    coupling_noise_factor: int = 1,
     velocity_net: nn.Module | None = None,
 ) -> Callable[[Tensor, Tensor], FlowMatchingEstimator]:
     r"""Returns a builder of flow matching estimators for sbi's trainers, the typed
@@ -305,17 +336,33 @@ def flow_matching_nn(
         divergence: `exact`, `hutchinson`, or `auto` for exact up to
             `exact_divergence_max_dim` parameters.
         exact_divergence_max_dim: See `divergence`.
+        coupling: How training pairs noise with parameters: `none` (independent),
+            or minibatch optimal transport, `exact`, `sinkhorn`, `sinkhorn_log` or
+            `partial` (see :class:`~sbi_fm_plugin.coupling.CouplingOptions`).
+        coupling_reg: Entropic regularisation of the Sinkhorn couplings.
+        coupling_max_iter: Iteration cap of the Sinkhorn couplings.
+        coupling_tol: Stopping threshold of the Sinkhorn couplings.
+        coupling_mass: Fraction of the mass that `partial` transports.
+        coupling_condition_ratio: Weight of the distance between conditions in the
+            transport cost, relative to the distance between parameters and noise;
+            0 ignores the conditions.
+        coupling_condition_weight: A fixed weight of that distance instead.
+        coupling_noise_factor: Noise draws per pair that the coupling chooses from.
         velocity_net: A velocity network to use instead of :class:`VelocityMLP`;
             the network options above then do not apply.
 
     Returns:
-        A builder, called by sbi as `builder(batch_theta, batch_x)`, and picklable.
+        A builder, called by sbi as `builder(batch_theta, batch_x)`, and picklable:
+        pass it as `NPE(prior, density_estimator=builder)`, or as
+        `NLE(prior, density_estimator=builder)` for `estimate="likelihood"`.
 
     Example:
-        >>> from sbi.inference import NLE, NPE
-        >>> prior = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
-        >>> npe = NPE(prior, density_estimator=flow_matching_nn(width=64))
-        >>> nle = NLE(prior, density_estimator=flow_matching_nn("likelihood"))
+        >>> theta, x = torch.randn(100, 2), torch.randn(100, 3)
+        >>> builder = flow_matching_nn(width=64)
+        >>> builder(theta, x).sample((5,), x[:1]).shape
+        torch.Size([5, 1, 2])
+        >>> flow_matching_nn("likelihood")(theta, x).input_shape
+        torch.Size([3])
     """
     if estimate not in ("posterior", "likelihood"):
         raise ValueError(
@@ -332,10 +379,12 @@ def flow_matching_nn(
     options = {name: arguments[name] for name in NETWORK_DEFAULTS}
     options |= {name: arguments[name] for name in ESTIMATOR_DEFAULTS}
     options |= {name: arguments[name] for name in SOLVER_DEFAULTS}
+    options |= {name: arguments[name] for name in COUPLING_DEFAULTS}
     if velocity_net is None:
         _check_network_options(width, options)
     check_options(**{name: options[name] for name in ESTIMATOR_DEFAULTS})
     SolverOptions(**{name: options[name] for name in SOLVER_DEFAULTS})
+    _coupling_options(options)
 
     if estimate == "posterior":
         z_score_modelled, z_score_condition = z_score_theta, z_score_x

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from . import ode
 from ._checks import check_count
 from ._sbi import ConditionalDensityEstimator
+from .coupling import Coupler, CouplingOptions
 from .ode import SolverOptions
 from .path import flow_matching_loss
 
@@ -57,6 +58,8 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         ema_decay: Decay of the exponential moving average of the weights of the
             velocity and embedding networks, updated at every training loss and used
             in `eval()` mode (validation, sampling, densities); None turns it off.
+        coupling: How the loss pairs noise with the parameters of a batch
+            (see :mod:`sbi_fm_plugin.coupling`); independently by default.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         exact_divergence_max_dim: int = 32,
         eval_seed: int = 0,
         ema_decay: float | None = 0.999,
+        coupling: CouplingOptions | None = None,
     ) -> None:
         super().__init__(net, torch.Size(input_shape), torch.Size(condition_shape))
 
@@ -104,6 +108,13 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         self.exact_divergence_max_dim = exact_divergence_max_dim
         self.eval_seed = eval_seed
         self.ema_decay = ema_decay
+        self.coupling = CouplingOptions() if coupling is None else coupling
+        if not isinstance(self.coupling, CouplingOptions):
+            raise TypeError(
+                "Expected `coupling` to be CouplingOptions or None, got "
+                f"{type(coupling).__name__}."
+            )
+        self._coupler = Coupler(self.coupling)
         self.ema = None
         if ema_decay is not None:
             modules = nn.ModuleDict(self._trained_modules())
@@ -150,7 +161,15 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
 
         z = self._standardize(input)
         averaged = self._averaged
-        context = self._context(condition, averaged)
+        embedding = self._embed(condition, averaged)
+        context = self._context_of(embedding, averaged)
+        noise = None
+        if self.coupling.method != "none":
+            # The cost compares conditions by their embeddings; the coupling is a
+            # choice of pairs, not something to differentiate.
+            noise = self._coupler(
+                z.detach(), embedding.detach(), generator, self.num_draws
+            )
 
         return flow_matching_loss(
             self._velocity(averaged),
@@ -161,6 +180,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             generator,
             self.num_draws,
             self.time_uniform_fraction,
+            noise,
         )
 
     def log_prob(self, input: Tensor, condition: Tensor, **options: object) -> Tensor:
@@ -364,12 +384,17 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         # on the condition only, once per condition.
         batch_shape = condition.shape[: condition.dim() - len(self.condition_shape)]
         condition = condition.reshape(-1, *self.condition_shape)
-        x = self._module("embedding_net", averaged)(condition)
-        net = self._module("net", averaged)
-        if _splits_condition(net):
-            x = net.context(x)
+        x = self._context_of(self._embed(condition, averaged), averaged)
 
         return x.reshape(*batch_shape, -1)
+
+    def _embed(self, condition: Tensor, averaged: bool) -> Tensor:
+        # Conditions with shape (N, *condition_shape) to embeddings (N, E).
+        return self._module("embedding_net", averaged)(condition).flatten(1)
+
+    def _context_of(self, embedding: Tensor, averaged: bool) -> Tensor:
+        net = self._module("net", averaged)
+        return net.context(embedding) if _splits_condition(net) else embedding
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -101,6 +101,7 @@ def flow_matching_loss(
     generator: torch.Generator | None = None,
     num_draws: int = 1,
     uniform_fraction: float = 0.0,
+    noise: Tensor | None = None,
 ) -> Tensor:
     r"""Returns the per-sample conditional flow matching loss.
 
@@ -115,6 +116,9 @@ def flow_matching_loss(
             averaged: more draws lower the variance of the gradient for little
             more than the cost of a larger batch.
         uniform_fraction: Fraction of uniform times mixed into the schedule.
+        noise: Base draws paired with `theta`, with shape :math:`(num\_draws, N, D)`,
+            for example coupled by optimal transport; standard normal draws by
+            default.
 
     Returns:
         The loss of each pair, with shape :math:`(N,)`.
@@ -128,9 +132,10 @@ def flow_matching_loss(
     t = sample_times(
         shape[:2], alpha, generator, theta.device, theta.dtype, uniform_fraction
     )
-    noise = torch.randn(
-        shape, generator=generator, device=theta.device, dtype=theta.dtype
-    )
+    if noise is None:
+        noise = torch.randn(
+            shape, generator=generator, device=theta.device, dtype=theta.dtype
+        )
 
     theta_t = interpolate(theta, noise, t, sigma_min)
     u = target_velocity(theta, noise, sigma_min)

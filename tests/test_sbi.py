@@ -15,6 +15,7 @@ from sbi.utils.metrics import c2st
 import sbi_fm_plugin  # noqa: F401 (registers "flow_matching")
 from sbi_fm_plugin import FlowMatchingEstimator, flow_matching_nn
 from sbi_fm_plugin.build import (
+    COUPLING_DEFAULTS,
     DEFAULT_WIDTH,
     ESTIMATOR_DEFAULTS,
     NETWORK_DEFAULTS,
@@ -188,7 +189,7 @@ def test_typed_options_match_the_builder_defaults():
         for name, p in parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-    known = NETWORK_DEFAULTS | ESTIMATOR_DEFAULTS | SOLVER_DEFAULTS
+    known = NETWORK_DEFAULTS | ESTIMATOR_DEFAULTS | SOLVER_DEFAULTS | COUPLING_DEFAULTS
     assert typed == known | {"width": DEFAULT_WIDTH, "velocity_net": None}
 
 

@@ -637,7 +637,10 @@ def _interleaved_timings(
 
 
 def _run_task_budget(
-    task: Task, budget: int, settings: Settings
+    task: Task,
+    budget: int,
+    settings: Settings,
+    estimators: dict[str, EstimatorSpec],
 ) -> list[dict[str, Any]]:
     """Trains and evaluates every estimator on one training set."""
     torch.manual_seed(_derive_seed(settings.seed, task.name, budget, "simulate"))
@@ -651,7 +654,7 @@ def _run_task_budget(
     records: list[dict[str, Any]] = []
     trained: list[_Trained] = []
     for name in settings.estimators:
-        spec = ESTIMATORS[name]
+        spec = estimators[name]
         base = {"task": task.name, "budget": budget, "estimator": name}
         try:
             t = _train(spec, task, theta, x, settings, budget)
@@ -679,7 +682,9 @@ def _run_task_budget(
     return records
 
 
-def _warm_up(task: Task, settings: Settings) -> None:
+def _warm_up(
+    task: Task, settings: Settings, estimators: dict[str, EstimatorSpec]
+) -> None:
     """Trains and queries every estimator once, briefly, before measuring.
 
     The first estimator to run would otherwise pay the process's one-off costs
@@ -692,7 +697,7 @@ def _warm_up(task: Task, settings: Settings) -> None:
     for name in settings.estimators:
         # A broken estimator is reported by the real run, not here.
         with contextlib.suppress(Exception), _quiet([]):
-            inference = ESTIMATORS[name].build(task.prior)
+            inference = estimators[name].build(task.prior)
             inference.append_simulations(theta, x).train(max_num_epochs=1)
             posterior = inference.build_posterior()
             posterior.sample((10,), x=x_o, show_progress_bars=False)
@@ -740,6 +745,7 @@ def _metadata(settings: Settings) -> dict[str, Any]:
 def run_benchmark(
     settings: Settings,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    estimators: dict[str, EstimatorSpec] | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark.
 
@@ -747,29 +753,40 @@ def run_benchmark(
         settings: What to run, see :func:`parse_args`.
         on_progress: Called with the partial report after each task and budget, so
             that a long run can save what it has.
+        estimators: Where the names in ``settings.estimators`` are looked up;
+            :data:`ESTIMATORS` by default.
 
     Returns:
         A JSON-serialisable dict with ``metadata`` and a ``results`` list with one
         record per task, budget and estimator.
     """
+    estimators = ESTIMATORS if estimators is None else estimators
     report: dict[str, Any] = {"metadata": _metadata(settings), "results": []}
     for task_name in settings.tasks:
         task = get_task(task_name, settings.cache_dir)
-        _warm_up(task, settings)
+        _warm_up(task, settings, estimators)
         for budget in settings.budgets:
-            report["results"].extend(_run_task_budget(task, budget, settings))
+            report["results"].extend(
+                _run_task_budget(task, budget, settings, estimators)
+            )
             if on_progress is not None:
                 on_progress(report)
     return report
 
 
-def write_report(report: dict[str, Any], out_json: Path, out_md: Path) -> str:
+def write_report(
+    report: dict[str, Any],
+    out_json: Path,
+    out_md: Path,
+    formatter: Callable[[dict[str, Any]], str] | None = None,
+) -> str:
     """Writes the report as JSON and as a Markdown table.
 
     Args:
         report: Output of :func:`run_benchmark`, possibly partial.
         out_json: Path of the JSON file.
         out_md: Path of the Markdown file.
+        formatter: Makes the table; :func:`to_markdown` by default.
 
     Returns:
         The Markdown table.
@@ -777,7 +794,7 @@ def write_report(report: dict[str, Any], out_json: Path, out_md: Path) -> str:
     for path in (out_json, out_md):
         path.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=2) + "\n")
-    table = to_markdown(report)
+    table = (formatter or to_markdown)(report)
     out_md.write_text(table)
     return table
 

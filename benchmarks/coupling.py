@@ -21,9 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from sbi.inference import NPE, NeuralInference
-from threadpoolctl import threadpool_limits
 from torch.distributions import Distribution
 
 from benchmarks.run import (
@@ -31,8 +29,7 @@ from benchmarks.run import (
     EstimatorSpec,
     NullTracker,
     Settings,
-    run_benchmark,
-    write_report,
+    run_and_report,
 )
 from benchmarks.tasks import TASK_NAMES
 from sbi_fm_plugin import flow_matching_nn
@@ -172,21 +169,7 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the coupling benchmark; returns 1 if any variant failed."""
-    settings = parse_args(argv)
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        report = run_benchmark(
-            settings,
-            on_progress=lambda partial: write_report(
-                partial, settings.out_json, settings.out_md, to_markdown
-            ),
-            estimators=VARIANTS,
-        )
-    print(write_report(report, settings.out_json, settings.out_md, to_markdown), end="")
-    failures = [r for r in report["results"] if r.get("error")]
-    for r in failures:
-        print(f"FAILED {r['task']}/{r['estimator']}: {r['error']}", file=sys.stderr)
-    return 1 if failures else 0
+    return run_and_report(parse_args(argv), VARIANTS, to_markdown)
 
 
 if __name__ == "__main__":

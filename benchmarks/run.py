@@ -16,6 +16,7 @@ __all__ = [
     "ESTIMATORS",
     "main",
     "parse_args",
+    "run_and_report",
     "run_benchmark",
     "to_markdown",
     "write_report",
@@ -864,6 +865,42 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_and_report(
+    settings: Settings,
+    estimators: dict[str, EstimatorSpec] | None = None,
+    formatter: Callable[[dict[str, Any]], str] | None = None,
+) -> int:
+    """Runs the benchmark on one thread, writing the report after each step.
+
+    Args:
+        settings: What to run.
+        estimators: Where estimator names are looked up; :data:`ESTIMATORS` by
+            default.
+        formatter: Makes the Markdown table; :func:`to_markdown` by default.
+
+    Returns:
+        0 if every estimator ran on every task and budget, else 1.
+    """
+    # The benchmark shares its machine; one thread keeps timings comparable.
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        report = run_benchmark(
+            settings,
+            on_progress=lambda partial: write_report(
+                partial, settings.out_json, settings.out_md, formatter
+            ),
+            estimators=estimators,
+        )
+    print(write_report(report, settings.out_json, settings.out_md, formatter), end="")
+    failures = [r for r in report["results"] if r.get("error")]
+    for r in failures:
+        print(
+            f"FAILED {r['task']}/{r['budget']}/{r['estimator']}: {r['error']}",
+            file=sys.stderr,
+        )
+    return 1 if failures else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark from the command line.
 
@@ -873,24 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 if every estimator ran on every task and budget, else 1.
     """
-    settings = parse_args(argv)
-    # The benchmark shares its machine; one thread keeps timings comparable.
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        report = run_benchmark(
-            settings,
-            on_progress=lambda partial: write_report(
-                partial, settings.out_json, settings.out_md
-            ),
-        )
-    print(write_report(report, settings.out_json, settings.out_md), end="")
-    failures = [r for r in report["results"] if r.get("error")]
-    for r in failures:
-        print(
-            f"FAILED {r['task']}/{r['budget']}/{r['estimator']}: {r['error']}",
-            file=sys.stderr,
-        )
-    return 1 if failures else 0
+    return run_and_report(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -36,3 +36,31 @@ def test_quick_benchmark_runs(tmp_path):
     assert all(r["nfe"]["sample_calls"] > 0 for r in flow_matching)
     assert "flow_matching" in out_md.read_text()
     assert not (tmp_path / "sbi-logs").exists() and not (ROOT / "sbi-logs").exists()
+
+
+def test_quick_coupling_benchmark_runs(tmp_path):
+    out_json, out_md = tmp_path / "coupling.json", tmp_path / "coupling.md"
+    variants = ["independent", "exact-r1", "sinkhorn-r1"]
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.coupling", "--quick", "--tasks", "two_moons"]
+        + [
+            "--variants",
+            *variants,
+            "--out-json",
+            str(out_json),
+            "--out-md",
+            str(out_md),
+        ],
+        cwd=ROOT,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        check=True,
+        timeout=600,
+    )
+
+    records = json.loads(out_json.read_text())["results"]
+    assert [r["estimator"] for r in records] == variants
+    for record in records:
+        assert record["error"] is None, record["error"]
+        assert record["nfe"]["sample_evals_per_sample"] > 0
+    table = out_md.read_text()
+    assert all(f"| {variant} |" in table for variant in variants)

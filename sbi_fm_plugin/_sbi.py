@@ -11,6 +11,7 @@ __all__ = [
     "SUPPORTED_SBI",
     "ConditionalDensityEstimator",
     "load_entry_points",
+    "refuse_atomic_loss",
     "register_builder",
     "standardizing_net",
     "z_score_parser",
@@ -18,6 +19,8 @@ __all__ = [
 ]
 
 import importlib
+import inspect
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -48,6 +51,10 @@ except ImportError as error:
 
 TABLE_MODULE = "sbi.neural_nets.factory"
 TABLE_NAME = "model_builders"
+
+# sbi's multi-round NPE-C evaluates `log_prob` on atoms in this method.
+ATOMIC_LOSS_MODULE = "sbi.inference.trainers.npe.npe_c"
+ATOMIC_LOSS_METHOD = ("NPE_C", "_log_prob_proposal_posterior_atomic")
 
 # Reentrant: loading an entry point may import a package that registers itself.
 _lock = threading.RLock()
@@ -172,6 +179,39 @@ def load_entry_points() -> list[str]:
             if register_builder(entry_point.name, builder, origin):
                 registered.append(entry_point.name)
     return registered
+
+
+def refuse_atomic_loss() -> None:
+    r"""Raises if the call comes from the atomic loss of sbi's multi-round NPE-C.
+
+    That loss evaluates `log_prob`, an ODE solve with gradients through every step,
+    on `num_atoms` parameters per training pair at every step, which makes training
+    prohibitively slow. Nothing else in sbi reaches the estimator from that method,
+    so the caller's code object identifies it exactly; the module is looked up, not
+    imported, since a loss that runs has imported it.
+
+    Raises:
+        ValueError: If sbi's atomic loss is among the callers.
+    """
+    class_name, method_name = ATOMIC_LOSS_METHOD
+    trainer = getattr(sys.modules.get(ATOMIC_LOSS_MODULE), class_name, None)
+    atomic_loss = getattr(getattr(trainer, method_name, None), "__code__", None)
+    frame = inspect.currentframe()
+    if atomic_loss is None or frame is None:
+        return
+
+    while frame is not None:
+        if frame.f_code is atomic_loss:
+            raise ValueError(
+                "The atomic loss of sbi's multi-round NPE-C is not supported by flow "
+                "matching estimators: it solves an ODE with gradients for every atom "
+                "at every training step. Use truncated sequential NPE instead: draw "
+                "the next round from `RestrictedPrior(prior, get_density_thresholder("
+                "posterior), sample_with='rejection')` (from `sbi.utils`), pass it as "
+                "`proposal` to `append_simulations`, and train with "
+                "`train(force_first_round_loss=True)`."
+            )
+        frame = frame.f_back
 
 
 def _warn_once(message: str) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import ode
 from ._checks import check_count
-from ._sbi import ConditionalDensityEstimator
+from ._sbi import ConditionalDensityEstimator, refuse_atomic_loss
 from .coupling import Coupler, CouplingOptions
 from .ode import SolverOptions
 from .path import flow_matching_loss
@@ -60,6 +60,11 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             in `eval()` mode (validation, sampling, densities); None turns it off.
         coupling: How the loss pairs noise with the parameters of a batch
             (see :mod:`sbi_fm_plugin.coupling`); independently by default.
+
+    Note:
+        `state_dict` keys and pickles stay loadable across 0.x releases: an
+        estimator saved by one release loads in the next, and attributes added
+        since it was saved get their defaults on load.
     """
 
     def __init__(
@@ -120,6 +125,15 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             modules = nn.ModuleDict(self._trained_modules())
             self.ema = copy.deepcopy(modules).requires_grad_(False)
             self.register_buffer("ema_updates", torch.zeros(()))
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+
+        # Attributes added after 0.1.0, missing from estimators pickled before.
+        if "coupling" not in state:
+            self.coupling = CouplingOptions()
+        if "_coupler" not in state:
+            self._coupler = Coupler(self.coupling)
 
     @property
     def embedding_net(self) -> nn.Module:
@@ -205,7 +219,13 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
 
         Returns:
             The log-densities, with shape :math:`(S, B)`.
+
+        Raises:
+            ValueError: For inputs or conditions of the wrong shape or with
+                non-finite values, and when called by the atomic loss of sbi's
+                multi-round NPE-C, which is not supported.
         """
+        refuse_atomic_loss()
         solver, divergence = self._options(options)
         input = self._check(input, "input", self.input_shape, batch_dims=(0, 1, 2))
         condition = self._check(
@@ -215,6 +235,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             input = input.unsqueeze(0)
         if condition.dim() == len(self.condition_shape):
             condition = condition.unsqueeze(0)
+        self._check_sample_dims(input, condition)
 
         try:
             input, condition, _ = self._broadcast_and_align(input, condition)
@@ -299,6 +320,18 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
 
         return theta, log_p.reshape(batch_shape)
 
+    def _check_sample_dims(self, input: Tensor, condition: Tensor) -> None:
+        # sbi broadcasts batch sizes, not sample sizes: a condition's sample size
+        # must be 1 or that of the input.
+        has_sample_dim = condition.dim() > len(self.condition_shape) + 1
+        num_samples = input.shape[0] if input.dim() > len(self.input_shape) + 1 else 1
+        if has_sample_dim and condition.shape[0] not in (1, num_samples):
+            raise ValueError(
+                "Expected `condition` with sample size 1 or that of `input` "
+                f"({num_samples}), got `input` with shape {tuple(input.shape)} and "
+                f"`condition` with shape {tuple(condition.shape)}."
+            )
+
     def _prepare_sampling(
         self, sample_shape: torch.Size, condition: Tensor, averaged: bool
     ) -> tuple[torch.Size, Tensor, Tensor]:
@@ -309,6 +342,10 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
                 "Expected `sample_shape` to be a sequence of ints, got "
                 f"{sample_shape!r}."
             ) from err
+        if any(size < 1 for size in sample_shape):
+            raise ValueError(
+                f"Expected `sample_shape` with sizes >= 1, got {tuple(sample_shape)}."
+            )
         condition = self._check(
             condition, "condition", self.condition_shape, batch_dims=(0, 1)
         )
@@ -368,8 +405,15 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         if not torch.isfinite(tensor).all():
             raise ValueError(f"Expected `{name}` to be finite, got NaN or inf values.")
 
-        # Floating point inputs of another precision follow the estimator's.
-        return tensor.to(self.theta_mean.dtype)
+        # Floating point inputs of another precision follow the estimator's, in
+        # whose range they must lie.
+        converted = tensor.to(self.theta_mean.dtype)
+        if converted is not tensor and not torch.isfinite(converted).all():
+            raise ValueError(
+                f"Expected `{name}` to be finite in {converted.dtype}, the estimator's "
+                f"precision, got {tensor.dtype} values beyond its range."
+            )
+        return converted
 
     def _standardize(self, theta: Tensor) -> Tensor:
         z = (theta - self.theta_mean) / self.theta_std

@@ -318,7 +318,8 @@ def test_weight_average_follows_training_and_serves_evaluation():
 
 
 def test_log_prob_in_training_mode_reaches_the_weights():
-    # Losses built on log_prob (such as sbi's atomic NPE-C loss) train the weights.
+    # Losses that users build on log_prob train the weights (sbi's atomic NPE-C
+    # loss, which would too, is refused for its cost; see test_reliability).
     theta, x = torch.randn(50, D), torch.randn(50, E)
     estimator = build_flow_matching(theta, x, width=16, depth=2).train()
 

@@ -428,7 +428,9 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
         # on the condition only, once per condition.
         batch_shape = condition.shape[: condition.dim() - len(self.condition_shape)]
         condition = condition.reshape(-1, *self.condition_shape)
-        x = self._context_of(self._embed(condition, averaged), averaged)
+        x = ode.evaluate_padded(
+            lambda c: self._context_of(self._embed(c, averaged), averaged), condition
+        )
 
         return x.reshape(*batch_shape, -1)
 

@@ -11,6 +11,7 @@ __all__ = [
     "SUPPORTED_SBI",
     "ConditionalDensityEstimator",
     "load_entry_points",
+    "progress_requested",
     "refuse_atomic_loss",
     "register_builder",
     "standardizing_net",
@@ -212,6 +213,23 @@ def refuse_atomic_loss() -> None:
                 "`train(force_first_round_loss=True)`."
             )
         frame = frame.f_back
+
+
+def progress_requested() -> bool:
+    r"""Whether the sbi function that called into this package was asked to show
+    progress bars.
+
+    sbi passes `show_progress_bars` down to its samplers, not to the estimator, so
+    the innermost sbi frame that has it as a local variable tells.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith("sbi.") and "show_progress_bars" in frame.f_locals:
+            return bool(frame.f_locals["show_progress_bars"])
+        frame = frame.f_back
+
+    return False
 
 
 def _warn_once(message: str) -> None:

@@ -122,7 +122,8 @@ def build_flow_matching(
             `time_uniform_fraction`, `sigma_min`, `num_draws`, `divergence`,
             `exact_divergence_max_dim`, `ema_decay`; see
             :class:`FlowMatchingEstimator`), solver options (`method`, `rtol`,
-            `atol`, `num_steps`, `max_nfe`, `per_sample_steps`; see
+            `atol`, `num_steps`, `max_nfe`, `per_sample_steps`, `chunk_size`,
+            `show_progress_bars`; see
             :class:`SolverOptions`) and coupling options (`coupling`, and
             `coupling_<field>` for the fields of :class:`CouplingOptions`).
             `num_transforms`, `num_bins` and `num_components` are accepted and
@@ -279,6 +280,8 @@ def flow_matching_nn(
     per_sample_steps: bool = True,
     num_steps: int = 20,
     max_nfe: int = 10_000,
+    chunk_size: int = 16_384,
+    show_progress_bars: bool | None = None,
     divergence: str = "auto",
     exact_divergence_max_dim: int = 32,
     coupling: str = "none",
@@ -333,6 +336,11 @@ def flow_matching_nn(
         num_steps: Steps of fixed-step solvers.
         max_nfe: Velocity evaluations after which a solve stops with a
             :class:`~sbi_fm_plugin.SolverError`.
+        chunk_size: The most points sampled or evaluated at once; larger requests
+            go chunk by chunk, so memory does not grow with them.
+        show_progress_bars: Whether requests of several chunks show a progress bar;
+            None shows one when the sbi function that called the estimator was
+            asked for progress bars.
         divergence: `exact`, `hutchinson`, or `auto` for exact up to
             `exact_divergence_max_dim` parameters.
         exact_divergence_max_dim: See `divergence`.

@@ -18,7 +18,11 @@ from torch import Tensor, nn
 
 from . import ode
 from ._checks import check_count
-from ._sbi import ConditionalDensityEstimator, refuse_atomic_loss
+from ._sbi import (
+    ConditionalDensityEstimator,
+    progress_requested,
+    refuse_atomic_loss,
+)
 from .coupling import Coupler, CouplingOptions
 from .ode import SolverOptions
 from .path import flow_matching_loss
@@ -214,8 +218,11 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             condition: Conditions, with shape :math:`(S, B, *condition\_shape)`,
                 :math:`(B, *condition\_shape)` or :math:`(*condition\_shape)`.
                 Batch sizes broadcast as in sbi.
-            options: Overrides of the solver options (`method`, `rtol`, `atol`,
-                `num_steps`, `max_nfe`) and of `divergence`.
+            options: Overrides of the solver options (see
+                :class:`SolverOptions`) and of `divergence`. Large requests are
+                solved `chunk_size` points at a time; with `show_progress_bars`
+                left at None, a progress bar shows when an sbi function up the call
+                stack was asked for progress bars.
 
         Returns:
             The log-densities, with shape :math:`(S, B)`.
@@ -269,7 +276,7 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             sample_shape: Shape of the draws per condition.
             condition: Conditions, with shape :math:`(B, *condition\_shape)` or
                 :math:`(*condition\_shape)` for one condition.
-            options: Overrides of the solver options.
+            options: Overrides of the solver options, as for :meth:`log_prob`.
 
         Returns:
             The samples, with shape :math:`(*sample\_shape, B, *input\_shape)`.
@@ -298,7 +305,8 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             sample_shape: Shape of the draws per condition.
             condition: Conditions, with shape :math:`(B, *condition\_shape)` or
                 :math:`(*condition\_shape)` for one condition.
-            options: Overrides of the solver options and of `divergence`.
+            options: Overrides of the solver options and of `divergence`, as
+                for :meth:`log_prob`.
 
         Returns:
             The samples, with shape :math:`(*sample\_shape, B, *input\_shape)`, and
@@ -370,7 +378,11 @@ class FlowMatchingEstimator(ConditionalDensityEstimator):
             small = self.input_features <= self.exact_divergence_max_dim
             divergence = "exact" if small else "hutchinson"
 
-        return self.solver.replace(**options), divergence
+        solver = self.solver.replace(**options)
+        if solver.show_progress_bars is None:
+            solver = solver.replace(show_progress_bars=progress_requested())
+
+        return solver, divergence
 
     def _check(
         self, tensor: Tensor, name: str, event_shape: torch.Size, batch_dims: tuple

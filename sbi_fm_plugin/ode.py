@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
+from tqdm.auto import tqdm
 
 from ._checks import check_count
 
@@ -70,6 +71,10 @@ class SolverOptions:
             trajectory on its own, which makes results independent of the batch.
             Otherwise, and for the other adaptive methods, the worst trajectory of
             the batch sets one step size for all.
+        chunk_size: The most trajectories solved at once; larger requests are
+            solved chunk by chunk, so that memory does not grow with their size.
+        show_progress_bars: Whether requests of several chunks show a progress bar;
+            None leaves it to the caller (see the estimator's methods).
 
     Example:
         >>> SolverOptions().replace(method="rk4", num_steps=10).method
@@ -82,6 +87,8 @@ class SolverOptions:
     num_steps: int = 20
     max_nfe: int = 10_000
     per_sample_steps: bool = True
+    chunk_size: int = 16_384
+    show_progress_bars: bool | None = None
 
     def __post_init__(self) -> None:
         methods = ADAPTIVE_METHODS + FIXED_METHODS
@@ -99,10 +106,18 @@ class SolverOptions:
 
         check_count("num_steps", self.num_steps)
         check_count("max_nfe", self.max_nfe)
+        check_count("chunk_size", self.chunk_size)
         if not isinstance(self.per_sample_steps, bool):
             raise TypeError(
                 "Expected `per_sample_steps` to be a bool, got "
                 f"{self.per_sample_steps!r}."
+            )
+        if self.show_progress_bars is not None and not isinstance(
+            self.show_progress_bars, bool
+        ):
+            raise TypeError(
+                "Expected `show_progress_bars` to be a bool or None, got "
+                f"{self.show_progress_bars!r}."
             )
 
     @property
@@ -334,9 +349,37 @@ def integrate(
         The final states, with shape :math:`(N, K)`.
 
     Raises:
-        SolverError: If the solver needs more than `options.max_nfe` evaluations,
-            its step size underflows, or the final state is not finite.
+        SolverError: If the solver needs more than `options.max_nfe` evaluations
+            for a chunk, its step size underflows, or the final state is not finite.
     """
+    if len(y0) <= options.chunk_size:
+        return _integrate_chunk(f, y0, t0, t1, options)
+
+    results = []
+    with tqdm(
+        total=len(y0),
+        disable=not options.show_progress_bars,
+        unit="trajectories",
+        desc="Solving the flow ODE",
+        leave=False,
+    ) as progress:
+        for start in range(0, len(y0), options.chunk_size):
+            chunk = y0[start : start + options.chunk_size]
+
+            def shifted(
+                y: Tensor, t: Tensor, rows: Tensor, start: int = start
+            ) -> Tensor:
+                return f(y, t, rows + start)
+
+            results.append(_integrate_chunk(shifted, chunk, t0, t1, options))
+            progress.update(len(chunk))
+
+    return torch.cat(results)
+
+
+def _integrate_chunk(
+    f: RightHandSide, y0: Tensor, t0: float, t1: float, options: SolverOptions
+) -> Tensor:
     nfe = 0
 
     def counted(y: Tensor, t: Tensor, rows: Tensor) -> Tensor:

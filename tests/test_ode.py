@@ -106,6 +106,28 @@ def test_results_do_not_depend_on_the_batch():
     torch.testing.assert_close(first, samples[:2], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("per_sample_steps", [True, False])
+def test_chunks_give_the_same_results(per_sample_steps, capfd):
+    theta, c = torch.randn(50, 2) * 2, torch.randn(5, 2)
+    whole = TIGHT.replace(per_sample_steps=per_sample_steps)
+    chunked = whole.replace(chunk_size=8, show_progress_bars=True)
+
+    capfd.readouterr()
+    for function in (ode.sample, ode.log_prob):
+        torch.testing.assert_close(
+            function(wavy_field, theta, c, chunked),
+            function(wavy_field, theta, c, whole),
+            atol=1e-6 if per_sample_steps else 1e-4,
+            rtol=0,
+        )
+    assert "Solving the flow ODE" in capfd.readouterr().err
+
+    # Gradients flow through every chunk.
+    theta.requires_grad_(True)
+    ode.log_prob(wavy_field, theta, c, chunked).sum().backward()
+    assert (theta.grad.abs().sum(-1) > 0).all()
+
+
 def test_each_condition_serves_its_rows():
     theta, c = torch.randn(12, 2), torch.randn(3, 2)
     expanded = c.repeat(4, 1)
@@ -182,6 +204,8 @@ def test_non_finite_result_raises():
         ({"num_steps": 2.5}, TypeError),
         ({"max_nfe": -3}, ValueError),
         ({"per_sample_steps": 1}, TypeError),
+        ({"chunk_size": 0}, ValueError),
+        ({"show_progress_bars": "yes"}, TypeError),
     ],
 )
 def test_bad_solver_options(options, error):

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from linear_gaussian import NOISE, D, analytic_posterior, simulate, x_o
 from sbi.inference import NLE, NPE, DirectPosterior
 from sbi.inference.posteriors.posterior_parameters import MCMCPosteriorParameters
 from sbi.neural_nets import likelihood_nn, posterior_nn
@@ -21,39 +22,6 @@ from sbi_fm_plugin.build import (
     NETWORK_DEFAULTS,
     SOLVER_DEFAULTS,
 )
-
-D = 3
-NOISE = 0.5
-x_o = torch.tensor([[0.5, -1.0, 1.5]])
-
-
-def simulate(theta):
-    return theta + NOISE * torch.randn_like(theta)
-
-
-def analytic_posterior(x):
-    """Prior N(0, I), likelihood N(theta, NOISE^2 I)."""
-    shrink = 1 / (1 + NOISE**2)
-    return torch.distributions.MultivariateNormal(
-        shrink * x[0], NOISE**2 * shrink * torch.eye(D)
-    )
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    torch.manual_seed(0)
-    prior = torch.distributions.MultivariateNormal(torch.zeros(D), torch.eye(D))
-    theta = prior.sample((3000,))
-
-    with pytest.MonkeyPatch.context() as patch:
-        # sbi's trainers write TensorBoard logs to ./sbi-logs.
-        patch.chdir(tmp_path_factory.mktemp("logs"))
-        inference = NPE(
-            prior, density_estimator="flow_matching", show_progress_bars=False
-        )
-        inference.append_simulations(theta, simulate(theta)).train(max_num_epochs=300)
-
-    return inference, inference.build_posterior()
 
 
 def test_names_are_registered():

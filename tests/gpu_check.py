@@ -35,7 +35,10 @@ def check(device: str = "cuda") -> list[tuple[str, str, str, bool]]:
     """Returns rows (quantity, on `device`, on the CPU, whether they agree)."""
     device = torch.device(device)
     torch.manual_seed(0)
-    prior = torch.distributions.MultivariateNormal(torch.zeros(D), torch.eye(D))
+    # sbi wants the prior on the training device.
+    prior = torch.distributions.MultivariateNormal(
+        torch.zeros(D, device=device), torch.eye(D, device=device)
+    )
     theta = prior.sample((2000,))
     x = theta + NOISE * torch.randn_like(theta)
     inference = NPE(

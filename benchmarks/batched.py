@@ -4,10 +4,12 @@ A linear Gaussian problem (3 parameters, prior N(0, I), x = theta + 0.5 noise) i
 learned by sbi's `nsf` and by `flow_matching` from the same simulations; then, for
 each, sbi's `run_sbc` draws `--num-samples` posterior samples for each of
 `--num-observations` observations (through `sample_batched`), and
-`log_prob_batched` evaluates as many points. Reported: wall time, peak growth of
-resident memory, and sbi's SBC check (KS p-values of the ranks, per parameter).
+`log_prob_batched` evaluates `--num-log-prob-points` points per observation.
+Reported: wall time, peak growth of resident memory, and sbi's SBC check (KS
+p-values of the ranks, per parameter).
 
     python -m benchmarks.batched [--num-observations 1000] [--num-samples 1000]
+        [--num-log-prob-points 100]
 """
 
 from __future__ import annotations
@@ -29,15 +31,19 @@ from benchmarks.run import RESULTS_DIR, NullTracker, _metadata, measure_peak_rss
 DIM, NOISE = 3, 0.5
 
 
-def _train(name: str, prior: torch.distributions.Distribution, seed: int) -> Any:
-    torch.manual_seed(seed)
-    theta = prior.sample((2000,))
+def _train(
+    name: str, prior: torch.distributions.Distribution, args: argparse.Namespace
+) -> Any:
+    torch.manual_seed(args.seed)
+    theta = prior.sample((200 if args.quick else 2000,))
     x = theta + NOISE * torch.randn_like(theta)
     inference = NPE(
         prior, density_estimator=name, tracker=NullTracker(), show_progress_bars=False
     )
     start = time.perf_counter()
-    inference.append_simulations(theta, x).train()
+    inference.append_simulations(theta, x).train(
+        **({"max_num_epochs": 3} if args.quick else {})
+    )
     return inference.build_posterior(), time.perf_counter() - start
 
 
@@ -65,7 +71,7 @@ def _measure(name: str, posterior: Any, args: argparse.Namespace) -> dict[str, A
     checks = check_sbc(ranks, thetas, dap, num_posterior_samples=args.num_samples)
     record["sbc_ks_pvals"] = checks["ks_pvals"].tolist()
 
-    points = prior.sample((args.num_samples, args.num_observations))
+    points = prior.sample((args.num_log_prob_points, args.num_observations))
     with torch.no_grad(), measure_peak_rss() as memory:
         start = time.perf_counter()
         posterior.log_prob_batched(points, xs, norm_posterior=False)
@@ -80,7 +86,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     settings = report["metadata"]["settings"]
     title = (
         f"{settings['num_observations']} observations x {settings['num_samples']} "
-        f"samples, {report['metadata']['date']}"
+        f"samples (SBC), x {settings['num_log_prob_points']} points (log_prob), "
+        f"{report['metadata']['date']}"
     )
     header = (
         "| estimator | train s | SBC s | SBC peak MB | log_prob_batched s "
@@ -104,8 +111,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--num-observations", type=int, default=1000)
     parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--num-log-prob-points", type=int, default=100)
     parser.add_argument("--estimators", nargs="+", default=("nsf", "flow_matching"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Train on 200 simulations for 4 epochs: checks the script, not numbers.",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "batched")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -113,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prior = torch.distributions.MultivariateNormal(torch.zeros(DIM), torch.eye(DIM))
     results = []
     for name in args.estimators:
-        posterior, train_s = _train(name, prior, args.seed)
+        posterior, train_s = _train(name, prior, args)
         record = {"train_s": train_s} | _measure(name, posterior, args)
         print(record, flush=True)
         results.append(record)

@@ -64,3 +64,23 @@ def test_quick_coupling_benchmark_runs(tmp_path):
         assert record["nfe"]["sample_evals_per_sample"] > 0
     table = out_md.read_text()
     assert all(f"| {variant} |" in table for variant in variants)
+
+
+def test_batched_benchmark_runs(tmp_path):
+    out = tmp_path / "batched"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.batched", "--quick"]
+        + ["--num-observations", "10", "--num-samples", "20"]
+        + ["--num-log-prob-points", "5", "--out", str(out)],
+        cwd=ROOT,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        check=True,
+        timeout=600,
+    )
+
+    records = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["estimator"] for r in records] == ["nsf", "flow_matching"]
+    for record in records:
+        assert record["sbc_s"] > 0 and record["log_prob_s"] > 0
+        assert len(record["sbc_ks_pvals"]) == 3
+    assert "| flow_matching |" in out.with_suffix(".md").read_text()

@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._checks import check_count
+from ._checks import check_count, check_real
 
 COUPLINGS = ("none", "exact", "sinkhorn", "sinkhorn_log", "partial")
 
@@ -77,22 +77,22 @@ class CouplingOptions:
                 f"Expected `coupling` to be one of {COUPLINGS}, got {self.method!r}."
             )
         for name in ("reg", "tol"):
-            _check_real(name, getattr(self, name))
+            check_real(f"coupling_{name}", getattr(self, name))
             if not getattr(self, name) > 0:
                 raise ValueError(
                     f"Expected `coupling_{name}` > 0, got {getattr(self, name)!r}."
                 )
-        _check_real("mass", self.mass)
+        check_real("coupling_mass", self.mass)
         if not 0 < self.mass <= 1:
             raise ValueError(f"Expected 0 < `coupling_mass` <= 1, got {self.mass!r}.")
-        _check_real("condition_ratio", self.condition_ratio)
+        check_real("coupling_condition_ratio", self.condition_ratio)
         if not 0 <= self.condition_ratio < math.inf:
             raise ValueError(
                 "Expected finite `coupling_condition_ratio` >= 0, got "
                 f"{self.condition_ratio!r}."
             )
         if self.condition_weight is not None:
-            _check_real("condition_weight", self.condition_weight)
+            check_real("coupling_condition_weight", self.condition_weight)
             if not 0 <= self.condition_weight < math.inf:
                 raise ValueError(
                     "Expected finite `coupling_condition_weight` >= 0 or None, got "
@@ -100,11 +100,6 @@ class CouplingOptions:
                 )
         check_count("coupling_max_iter", self.max_iter)
         check_count("coupling_noise_factor", self.noise_factor)
-
-
-def _check_real(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"Expected `coupling_{name}` to be a float, got {value!r}.")
 
 
 class Coupler:

@@ -39,7 +39,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 from tqdm.auto import tqdm
 
-from ._checks import check_count
+from ._checks import check_count, check_real
 
 #: A velocity field, called as `v(theta, c, t)` with shapes (n, D), (n, C) and (n,).
 Field = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -99,8 +99,7 @@ class SolverOptions:
 
         for name in ("rtol", "atol"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise TypeError(f"Expected `{name}` to be a float, got {value!r}.")
+            check_real(name, value)
             if not value > 0:
                 raise ValueError(f"Expected `{name}` > 0, got {value!r}.")
 

@@ -68,22 +68,22 @@ SOLVER_DEFAULTS = {
     field.name: field.default for field in dataclasses.fields(SolverOptions)
 }
 
-#: Options of the coupling, with their defaults: `coupling` is the method, and
-#: `coupling_<field>` sets the other fields of :class:`CouplingOptions`.
+#: The builder's name of each field of :class:`CouplingOptions`: `coupling` for the
+#: method, `coupling_<field>` for the others.
+_COUPLING_NAMES = {
+    field.name: "coupling" if field.name == "method" else f"coupling_{field.name}"
+    for field in dataclasses.fields(CouplingOptions)
+}
+#: Options of the coupling, with their defaults.
 COUPLING_DEFAULTS = {
-    ("coupling" if field.name == "method" else f"coupling_{field.name}"): field.default
+    _COUPLING_NAMES[field.name]: field.default
     for field in dataclasses.fields(CouplingOptions)
 }
 
 
 def _coupling_options(options: dict) -> CouplingOptions:
     return CouplingOptions(
-        **{
-            ("method" if name == "coupling" else name[len("coupling_") :]): options[
-                name
-            ]
-            for name in COUPLING_DEFAULTS
-        }
+        **{field: options[name] for field, name in _COUPLING_NAMES.items()}
     )
 
 

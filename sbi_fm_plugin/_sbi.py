@@ -24,8 +24,9 @@ import inspect
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import EntryPoint, entry_points, version
+from types import FrameType
 
 SUPPORTED_SBI = "0.27"
 
@@ -197,11 +198,10 @@ def refuse_atomic_loss() -> None:
     class_name, method_name = ATOMIC_LOSS_METHOD
     trainer = getattr(sys.modules.get(ATOMIC_LOSS_MODULE), class_name, None)
     atomic_loss = getattr(getattr(trainer, method_name, None), "__code__", None)
-    frame = inspect.currentframe()
-    if atomic_loss is None or frame is None:
+    if atomic_loss is None:
         return
 
-    while frame is not None:
+    for frame in _callers():
         if frame.f_code is atomic_loss:
             raise ValueError(
                 "The atomic loss of sbi's multi-round NPE-C is not supported by flow "
@@ -212,7 +212,6 @@ def refuse_atomic_loss() -> None:
                 "`proposal` to `append_simulations`, and train with "
                 "`train(force_first_round_loss=True)`."
             )
-        frame = frame.f_back
 
 
 def progress_requested() -> bool:
@@ -222,14 +221,20 @@ def progress_requested() -> bool:
     sbi passes `show_progress_bars` down to its samplers, not to the estimator, so
     the innermost sbi frame that has it as a local variable tells.
     """
-    frame = inspect.currentframe()
-    while frame is not None:
+    for frame in _callers():
         module = frame.f_globals.get("__name__", "")
         if module.startswith("sbi.") and "show_progress_bars" in frame.f_locals:
             return bool(frame.f_locals["show_progress_bars"])
-        frame = frame.f_back
 
     return False
+
+
+def _callers() -> Iterator[FrameType]:
+    # The frames of the call stack, innermost first.
+    frame = inspect.currentframe()
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
 
 
 def _warn_once(message: str) -> None:

@@ -1,10 +1,9 @@
-import io
 import math
-import pickle
 
 import pytest
 import torch
 from gaussian import random_gaussian_velocity
+from saved import saved_copies
 
 from sbi_fm_plugin import FlowMatchingEstimator, SolverOptions, build_flow_matching
 
@@ -200,14 +199,7 @@ def test_seeded_sampling_is_reproducible(estimator):
 
 def test_pickle_and_torch_save_round_trip(estimator):
     theta, x = torch.randn(5, D), torch.randn(5, E)
-    buffer = io.BytesIO()
-    torch.save(estimator, buffer)
-    buffer.seek(0)
-
-    for copy in (
-        pickle.loads(pickle.dumps(estimator)),
-        torch.load(buffer, weights_only=False),
-    ):
+    for copy in saved_copies(estimator):
         torch.testing.assert_close(
             copy.log_prob(theta, x), estimator.log_prob(theta, x)
         )

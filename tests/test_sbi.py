@@ -1,13 +1,13 @@
 """sbi's own trainers, builders and posteriors with the flow matching estimator."""
 
 import inspect
-import io
 import pickle
 import warnings
 
 import pytest
 import torch
 from linear_gaussian import NOISE, D, analytic_posterior, simulate, x_o
+from saved import saved_copies
 from sbi.inference import NLE, NPE, DirectPosterior
 from sbi.inference.posteriors.posterior_parameters import MCMCPosteriorParameters
 from sbi.neural_nets import likelihood_nn, posterior_nn
@@ -50,16 +50,9 @@ def test_npe_posterior_matches_analytic(trained):
 
 def test_posterior_survives_pickle_and_torch_save(trained):
     _, posterior = trained
-    buffer = io.BytesIO()
-    torch.save(posterior, buffer)
-    buffer.seek(0)
-
     torch.manual_seed(3)
     expected = posterior.sample((100,), x=x_o, show_progress_bars=False)
-    for copy in (
-        pickle.loads(pickle.dumps(posterior)),
-        torch.load(buffer, weights_only=False),
-    ):
+    for copy in saved_copies(posterior):
         assert isinstance(copy, DirectPosterior)
         torch.manual_seed(3)
         assert torch.equal(
